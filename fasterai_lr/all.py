@@ -1,0 +1,4 @@
+"Everything a user needs: `from fasterai_lr.all import *`"
+from .factorize import *
+from .layers import *
+from .decompose import *
