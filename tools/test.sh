@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg
 python -m pytest -q -n 2 tests
-nbdev-test --n_workers 2
+nbdev-test --n-workers 2
