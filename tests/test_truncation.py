@@ -1,0 +1,175 @@
+"Below full rank: SVD errors are the singular-value tails (Eckart–Young); Tucker-2 and CP errors fall with the rank and match TensorLy"
+import warnings, pytest, torch, numpy as np
+import tensorly as tl
+from tensorly.decomposition import partial_tucker, parafac
+from torch import nn
+from fasterai_lr.decompose import FC_Decomposer, Conv_Decomposer
+
+def rel(A, B)->float: return ((A-B).norm()/B.norm()).item()
+
+def block_kernel(blk, G:int=1)->torch.Tensor:
+    "The G×O×I×kh×kw kernels (float64) that the factor convs of a Factorized conv block compose to, read from their weights"
+    w = [f.weight.detach().double() for f in blk]
+    per_group = lambda t: t.unflatten(0, (G, -1))
+    if blk.method=='svd':      # k×k conv (r filters) → 1×1
+        return torch.einsum('gor,grihw->goihw', per_group(w[1])[...,0,0], per_group(w[0]))
+    if blk.method=='spatial':  # kh×1 → 1×kw
+        return torch.einsum('gorx,griy->goiyx', per_group(w[1])[:,:,:,0], per_group(w[0])[...,0])
+    if blk.method=='tucker':   # 1×1 → kh×kw core → 1×1
+        return torch.einsum('gor,grshw,gsi->goihw', per_group(w[2])[...,0,0], per_group(w[1]), per_group(w[0])[...,0,0])
+    if blk.method=='cp':       # 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1
+        return torch.einsum('gor,gri,grh,grw->goihw', per_group(w[3])[...,0,0], per_group(w[0])[...,0,0],
+                            per_group(w[1])[:,:,0,:,0], per_group(w[2])[:,:,0,0,:])
+
+def conv_with(K:torch.Tensor, groups:int=1)->nn.Conv2d:
+    "A Conv2d whose weight is K (O×I/groups×kh×kw)"
+    O,I,kh,kw = K.shape
+    conv = nn.Conv2d(I*groups, O, (kh,kw), groups=groups, bias=False, dtype=K.dtype)
+    with torch.no_grad(): conv.weight.copy_(K)
+    return conv
+
+def randk(*shape, seed=0, dtype=torch.float32)->torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+def tail(S:torch.Tensor, r:int)->float: return S[...,r:].square().sum().sqrt().item()
+
+# float32 factors carry one rounding (~6e-8 relative per entry): 1e-5·‖W‖ is far below any tail, 1e-10 in float64
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
+
+# ---- Eckart–Young: the truncated SVD's error is exactly the tail of the singular values
+
+@DTYPES
+@pytest.mark.parametrize('rank', [1, 3, 7, 11])
+@pytest.mark.parametrize('out_f,in_f', [(12,20), (20,12), (16,16)])
+def test_linear_svd_error_is_tail(out_f, in_f, rank, dtype):
+    lin = nn.Linear(in_f, out_f, dtype=dtype)
+    with torch.no_grad(): lin.weight.copy_(randk(out_f, in_f, seed=rank, dtype=dtype))
+    W = lin.weight.detach().double()
+    blk = FC_Decomposer().SVD(lin, rank=rank)
+    W_hat = blk[1].weight.detach().double() @ blk[0].weight.detach().double()
+    err,want = (W_hat-W).norm().item(), tail(torch.linalg.svdvals(W), rank)
+    assert abs(err-want) <= ATOL[dtype]*W.norm().item(), f"Linear({in_f}, {out_f}) {dtype} rank {rank}: error {err:.8g}, Eckart–Young tail {want:.8g}"
+
+# (O, I per group, kh, kw, groups)
+CONVS = [(8,6,3,3,1), (6,10,3,5,1), (12,4,1,1,1), (5,7,5,3,1), (8,4,3,3,2), (6,3,1,5,3)]
+def conv_id(s): return f"O{s[0]}-I{s[1]}-k{s[2]}x{s[3]}-g{s[4]}"
+
+def svd_matrices(K:torch.Tensor, method:str)->torch.Tensor:
+    "G×m×n matrices whose truncated SVDs channel SVD (O×(I·kh·kw)) and spatial SVD ((I·kh)×(O·kw)) are, written out here"
+    G,O,I,kh,kw = K.shape
+    return K.reshape(G, O, I*kh*kw) if method=='svd' else K.permute(0,2,3,1,4).reshape(G, I*kh, O*kw)
+
+@DTYPES
+@pytest.mark.parametrize('frac', [0.15, 0.5, 0.8])
+@pytest.mark.parametrize('method', ['SVD', 'Spatial'])
+@pytest.mark.parametrize('shape', CONVS, ids=[conv_id(s) for s in CONVS])
+def test_conv_svd_error_is_tail(shape, method, frac, dtype):
+    O,I,kh,kw,G = shape
+    conv = conv_with(randk(G*O, I, kh, kw, seed=O*I+kh, dtype=dtype), G)
+    K = conv.weight.detach().double().unflatten(0, (G, O))
+    S = torch.linalg.svdvals(svd_matrices(K, method.lower()))
+    rank = max(1, int(frac*S.shape[-1]))
+    blk = getattr(Conv_Decomposer(), method)(conv, rank=rank)
+    err = (block_kernel(blk, G)-K).norm().item()
+    want = tail(S, rank)   # groups are factorized independently: the squared tails add up
+    assert abs(err-want) <= ATOL[dtype]*K.norm().item(), f"{method} on {conv_id(shape)} {dtype} rank {rank}: error {err:.8g}, Eckart–Young tail {want:.8g}"
+
+@pytest.mark.parametrize('energy', [0.3, 0.75, 0.95, 1.0])
+@pytest.mark.parametrize('method', ['SVD', 'Spatial', 'Linear'])
+def test_energy_picks_smallest_rank(method, energy):
+    "energy=e keeps the smallest rank whose leading singular values hold at least e of the squared total"
+    K = randk(8, 6, 3, 3, seed=3)
+    if method=='Linear':
+        layer = nn.Linear(18, 8); S = None
+        with torch.no_grad(): layer.weight.copy_(K.flatten(1)[:, :18])
+        S = torch.linalg.svdvals(layer.weight.detach().double())
+        blk = FC_Decomposer().SVD(layer, energy=energy)
+    else:
+        layer = conv_with(K)
+        S = torch.linalg.svdvals(svd_matrices(K.double()[None], method.lower())[0])
+        blk = getattr(Conv_Decomposer(), method)(layer, energy=energy)
+    share = S.square().cumsum(0)/S.square().sum()
+    want = int((share < energy-1e-12).sum())+1
+    assert blk.rank==want, f"{method} energy={energy}: rank {blk.rank}, expected {want} (cumulative shares {share.numpy().round(3)})"
+
+# ---- Tucker-2 and CP: the error falls as the rank grows, down to zero at full rank
+
+def tucker_errors(K, ranks, G=1): return [rel(block_kernel(Conv_Decomposer().Tucker(conv_with(K, G), rank=r), G), K.double().unflatten(0, (G,-1))) for r in ranks]
+def cp_errors(K, ranks, G=1): return [rel(block_kernel(Conv_Decomposer().CP(conv_with(K, G), rank=r), G), K.double().unflatten(0, (G,-1))) for r in ranks]
+
+MONO = [(8,6,3,3,1), (12,8,3,5,1), (8,4,3,3,2)]
+SLACK = 1e-6  # Tucker's HOOI and CP's ALS are not exact minimisers: allow rounding, not a rise
+
+@pytest.mark.parametrize('shape', MONO, ids=[conv_id(s) for s in MONO])
+def test_tucker_error_falls_with_rank(shape):
+    O,I,kh,kw,G = shape
+    ranks = [(r, max(1, r*I//O)) for r in range(1, O+1)]
+    errs = tucker_errors(randk(G*O, I, kh, kw, seed=1), ranks, G)
+    rises = [(ranks[i], ranks[i+1]) for i in range(len(errs)-1) if errs[i+1] > errs[i]+SLACK]
+    assert not rises, f"Tucker on {conv_id(shape)}: error rose between ranks {rises}; errors {np.round(errs, 5)}"
+    assert errs[-1] < 1e-6, f"Tucker on {conv_id(shape)} at full ranks {ranks[-1]}: error {errs[-1]:.2e}"
+
+@pytest.mark.parametrize('shape', MONO, ids=[conv_id(s) for s in MONO])
+def test_cp_error_falls_with_rank(shape):
+    O,I,kh,kw,G = shape
+    ranks = [1, 2, 4, 8, 16, 24, 32]
+    errs = cp_errors(randk(G*O, I, kh, kw, seed=2), ranks, G)
+    rises = [(ranks[i], ranks[i+1]) for i in range(len(errs)-1) if errs[i+1] > errs[i]+SLACK]
+    assert not rises, f"CP on {conv_id(shape)}: error rose between ranks {rises}; errors {np.round(errs, 4)}"
+    full = Conv_Decomposer().CP(conv_with(K := randk(G*O, I, kh, kw, seed=2), G), rank='full')
+    assert (e := rel(block_kernel(full, G), K.double().unflatten(0, (G,-1)))) < 1e-6, f"CP on {conv_id(shape)} at rank='full': error {e:.2e}"
+
+# ---- TensorLy is the reference implementation
+
+REF = [(8,6,3,3), (6,10,3,3), (12,8,3,5), (16,16,3,3), (4,12,5,5)]
+def ref_id(s): return 'x'.join(map(str, s))
+
+TUCKER_RANKS = [(1,1), (2,2), (3,2), (4,4), (2,5), (6,4)]
+TUCKER_CASES = [(s, r) for s in REF for r in TUCKER_RANKS if r[0] <= s[0] and r[1] <= s[1]]
+
+@pytest.mark.parametrize('shape,rank', TUCKER_CASES, ids=[f"{ref_id(s)}-r{r[0]}x{r[1]}" for s,r in TUCKER_CASES])
+def test_tucker_matches_tensorly(shape, rank):
+    "Our Tucker-2 is no worse than TensorLy's partial_tucker (HOOI to convergence) on the channel modes, within 1%"
+    K = randk(*shape, seed=sum(shape))
+    ours = rel(block_kernel(Conv_Decomposer().Tucker(conv_with(K), rank=rank)), K.double()[None])
+    X = K.double().numpy()
+    with tl.backend_context('numpy'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        (core, factors), _ = partial_tucker(X, list(rank), modes=[0,1], init='svd', random_state=0)
+        ref = float(np.linalg.norm(tl.tenalg.multi_mode_dot(core, factors, modes=[0,1]) - X)/np.linalg.norm(X))
+    assert ours <= 1.01*ref + 1e-9, f"Tucker {ref_id(shape)} ranks {rank}: our error {ours:.5f} vs TensorLy partial_tucker {ref:.5f} ({ours/ref-1:+.2%})"
+
+CP_RANKS = [1, 3, 5, 8, 12, 20]
+CP_CASES = [(s, r) for s in REF for r in CP_RANKS]
+CP_ITERS = 30  # cp's default iteration budget
+
+@pytest.mark.parametrize('shape,rank', CP_CASES, ids=[f"{ref_id(s)}-r{r}" for s,r in CP_CASES])
+def test_cp_matches_tensorly(shape, rank):
+    "Our CP is no worse than TensorLy's parafac(init='svd') with the same iteration budget, within 5%"
+    K = randk(*shape, seed=sum(shape))
+    ours = rel(block_kernel(Conv_Decomposer().CP(conv_with(K), rank=rank)), K.double()[None])
+    X = K.double().numpy()
+    with tl.backend_context('numpy'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = float(np.linalg.norm(tl.cp_to_tensor(parafac(X, rank, n_iter_max=CP_ITERS, init='svd', random_state=0)) - X)/np.linalg.norm(X))
+    assert ours <= 1.05*ref + 1e-9, f"CP {ref_id(shape)} rank {rank}: our error {ours:.4f} vs TensorLy parafac {ref:.4f} ({ours/ref-1:+.2%})"
+
+# ---- CP stability on a realistic layer size
+
+@pytest.mark.parametrize('rank', [16, 32])
+def test_cp_stable_on_64x64(rank):
+    "No degenerate CP (huge components cancelling each other): factors finite and of the kernel's scale, fit error < 1"
+    K = randk(64, 64, 3, 3, seed=7)
+    blk = Conv_Decomposer().CP(conv_with(K), rank=rank)
+    ws = [f.weight.detach().double() for f in blk]
+    assert all(torch.isfinite(w).all() for w in ws), f"CP rank {rank} on 64×64×3×3: non-finite factors"
+    cols = [ws[0][:,:,0,0], ws[1][:,0,:,0], ws[2][:,0,0,:], ws[3][:,:,0,0].T]   # rank×(I, kh, kw, O)
+    norms = torch.stack([c.norm(dim=1) for c in cols])                        # 4×rank column norms
+    Kn = K.double().norm().item()
+    share = norms.max().item()/Kn**0.25   # each of the 4 factors carries a 4th root of a component's weight
+    assert share <= 2, f"CP rank {rank} on 64×64×3×3: a factor column has norm {norms.max():.3g}, {share:.2f}× ‖K‖^¼"
+    lam = norms.prod(0)
+    assert lam.max().item() <= 2*Kn, f"CP rank {rank} on 64×64×3×3: a component has weight {lam.max():.3g} > 2‖K‖ = {2*Kn:.3g}"
+    e = rel(block_kernel(blk), K.double()[None])
+    assert e < 1, f"CP rank {rank} on 64×64×3×3: fit error {e:.3f}"
