@@ -103,6 +103,34 @@ def test_linear_costs(fin, fout, rank, lead):
     lc = layer_costs(lin, 'svd', r, (tuple(x.shape), tuple(lin(x).shape)))
     assert lc==counted, f"layer_costs(Linear({fin}, {fout}), svd, {r}) on {tuple(x.shape)} = {lc}, counted {counted}"
 
+# ---- keep= is a parameter budget
+
+KEEP_LAYERS = [('conv', lambda: nn.Conv2d(12, 16, 3, padding=1)), ('grouped', lambda: nn.Conv2d(8, 12, (3,5), groups=2)),
+               ('linear', lambda: nn.Linear(20, 12))]
+
+KEEP_XFAIL = {  # core bugs these tests found (see the report); remove an entry once the core is fixed
+    'grouped-CP-0.3': "core bug: keep_rank floors keep·O·I·kh·kw/cost in floating point: 0.3*360/18 = 5.999… gives rank 5, though rank 6 holds exactly 0.3",
+}
+KEEP_CASES = [pytest.param(kind, make, method, keep, id=(i := f"{kind}-{method}-{keep}"),
+                           marks=[pytest.mark.xfail(strict=True, reason=KEEP_XFAIL[i])] if i in KEEP_XFAIL else [])
+              for kind,make in KEEP_LAYERS for method in (['SVD'] if kind=='linear' else ['Tucker', 'CP', 'SVD', 'Spatial'])
+              for keep in (0.1, 0.3, 0.5, 0.8)]
+
+@pytest.mark.parametrize('kind,make,method,keep', KEEP_CASES)
+def test_keep_is_a_budget(kind, make, method, keep):
+    "keep=k: the factors hold at most k of the layer's weights (unless the smallest rank already holds more); for one-rank methods, the largest such rank"
+    layer = make()
+    f = FC_Decomposer().SVD if kind=='linear' else getattr(Conv_Decomposer(), method)
+    blk = f(layer, keep=keep)
+    p0,p1 = layer.weight.numel(),weight_numel(blk)
+    smallest = blk.rank in (1, (1,1))
+    assert p1 <= keep*p0 or smallest, f"{method} keep={keep} on {kind}: rank {blk.rank} holds {p1}/{p0} = {p1/p0:.3f} of the weights"
+    if method!='Tucker':
+        full = f(layer, rank='full').rank
+        if blk.rank < full:
+            bigger = weight_numel(f(layer, rank=blk.rank+1))
+            assert bigger > keep*p0, f"{method} keep={keep} on {kind}: rank {blk.rank+1} would hold {bigger/p0:.3f} ≤ {keep}, yet rank {blk.rank} was chosen"
+
 # ---- the report of a whole-model decomposition
 
 class Net(nn.Module):

@@ -142,9 +142,16 @@ def test_bad_input(build, call, exc, msg, named):
     if named: assert named in text, f"the error should name the layer {named!r}; it says: {text!r}"
     assert_untouched(before, target, f"after the error {text!r}")
 
-def test_original_model_untouched_after_error_midway():
-    "An error on the second conv, after the first was factorized, must not leak into the model passed in"
-    m = poison(net(), 'features.2', lambda l: with_weight(l, (0, 0, 0, 0), float('nan')))
+def test_model_untouched_after_error_midway():
+    "An error on the second conv, raised after the first was factorized in the copy, must not leak into the model passed in"
+    m = net()                                   # svd full ranks: features.0 → 8, features.2 → 6
     before = snapshot(m)
-    with pytest.raises(ValueError, match=re.escape('features.2')): Conv_Decomposer().decompose(m, 'svd', rank=2, quiet=True)
-    assert_untouched(before, m, "decompose with a NaN in the second conv")
+    with pytest.raises(ValueError, match=r"features\.2: rank=7 is above the full rank"): Conv_Decomposer().decompose(m, 'svd', rank=7, quiet=True)
+    assert_untouched(before, m, "decompose(rank=7) failing on the second conv")
+
+def test_snapshot_sees_changes():
+    "The untouched check above can fail: a changed weight, a NaN, a swapped module or a frozen parameter are all seen"
+    for change in (lambda m: m.head.weight.data.add_(1), lambda m: m.head.weight.data.fill_(float('nan')),
+                   lambda m: m.features.__setitem__(1, nn.GELU()), lambda m: m.head.requires_grad_(False)):
+        m = net(); before = snapshot(m); change(m)
+        with pytest.raises(AssertionError): assert_untouched(before, m, 'changed')

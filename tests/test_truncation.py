@@ -126,9 +126,15 @@ REF = [(8,6,3,3), (6,10,3,3), (12,8,3,5), (16,16,3,3), (4,12,5,5)]
 def ref_id(s): return 'x'.join(map(str, s))
 
 TUCKER_RANKS = [(1,1), (2,2), (3,2), (4,4), (2,5), (6,4)]
-TUCKER_CASES = [(s, r) for s in REF for r in TUCKER_RANKS if r[0] <= s[0] and r[1] <= s[1]]
+TUCKER_XFAIL = {  # core bugs these tests found (see the report); remove an entry once the core is fixed
+    '8x6x3x3-r4x4': "core bug: tucker2 stops after n_iter=1 HOOI sweep, 1.2% above TensorLy's converged partial_tucker",
+    '12x8x3x5-r2x2': "core bug: tucker2 stops after n_iter=1 HOOI sweep, 1.0% above TensorLy's converged partial_tucker",
+}
+TUCKER_CASES = [pytest.param(s, r, id=(i := f"{ref_id(s)}-r{r[0]}x{r[1]}"),
+                             marks=[pytest.mark.xfail(strict=True, reason=TUCKER_XFAIL[i])] if i in TUCKER_XFAIL else [])
+                for s in REF for r in TUCKER_RANKS if r[0] <= s[0] and r[1] <= s[1]]
 
-@pytest.mark.parametrize('shape,rank', TUCKER_CASES, ids=[f"{ref_id(s)}-r{r[0]}x{r[1]}" for s,r in TUCKER_CASES])
+@pytest.mark.parametrize('shape,rank', TUCKER_CASES)
 def test_tucker_matches_tensorly(shape, rank):
     "Our Tucker-2 is no worse than TensorLy's partial_tucker (HOOI to convergence) on the channel modes, within 1%"
     K = randk(*shape, seed=sum(shape))
