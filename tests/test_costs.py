@@ -108,9 +108,7 @@ def test_linear_costs(fin, fout, rank, lead):
 KEEP_LAYERS = [('conv', lambda: nn.Conv2d(12, 16, 3, padding=1)), ('grouped', lambda: nn.Conv2d(8, 12, (3,5), groups=2)),
                ('linear', lambda: nn.Linear(20, 12))]
 
-KEEP_XFAIL = {  # core bugs these tests found (see the report); remove an entry once the core is fixed
-    'grouped-CP-0.3': "core bug: keep_rank floors keep·O·I·kh·kw/cost in floating point: 0.3*360/18 = 5.999… gives rank 5, though rank 6 holds exactly 0.3",
-}
+KEEP_XFAIL = {}  # core bugs these tests found; none open
 KEEP_CASES = [pytest.param(kind, make, method, keep, id=(i := f"{kind}-{method}-{keep}"),
                            marks=[pytest.mark.xfail(strict=True, reason=KEEP_XFAIL[i])] if i in KEEP_XFAIL else [])
               for kind,make in KEEP_LAYERS for method in (['SVD'] if kind=='linear' else ['Tucker', 'CP', 'SVD', 'Spatial'])
@@ -155,12 +153,13 @@ def inputs_of(model, names, x)->dict:
     for h in hooks: h.remove()
     return got
 
+REPORT_CASES = [(Conv_Decomposer, 'tucker', dict(keep=0.4)), (Conv_Decomposer, 'cp', dict(rank=6)), (Conv_Decomposer, 'svd', dict(energy=0.8)),
+                (Conv_Decomposer, 'spatial', dict(percent_removed=0.5)), (Conv_Decomposer, 'tucker', dict(rank='full')),
+                (FC_Decomposer, 'svd', dict(rank=4)), (FC_Decomposer, 'svd', dict(keep=0.9))]
+@pytest.mark.parametrize('dec,method,opts', REPORT_CASES, ids=[f"{d.__name__}-{m}-{k}={v}" for d,m,o in REPORT_CASES for k,v in o.items()])
 @pytest.mark.parametrize('sample', ['tensor', 'shape'])
-@pytest.mark.parametrize('dec,method,opts', [
-    (Conv_Decomposer, 'tucker', dict(keep=0.4)), (Conv_Decomposer, 'cp', dict(rank=6)), (Conv_Decomposer, 'svd', dict(energy=0.8)),
-    (Conv_Decomposer, 'spatial', dict(percent_removed=0.5)), (Conv_Decomposer, 'tucker', dict(rank='full')),
-    (FC_Decomposer, 'svd', dict(rank=4)), (FC_Decomposer, 'svd', dict(keep=0.9))], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 def test_report_counts_match_flop_counter(dec, method, opts, sample):
+    "The report's params/macs are the original layer's weights and FLOPs/2, params_after/macs_after the new block's, for batch 1"
     net = Net().eval()
     x = torch.randn(2, 3, 12, 15)
     d = dec()

@@ -45,7 +45,8 @@ def quantized_conv():
 
 def _same(a, b)->bool:
     if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.dtype!=b.dtype or a.shape!=b.shape: return False
+        if not isinstance(b, torch.Tensor) or a.dtype!=b.dtype or a.shape!=b.shape or a.device!=b.device: return False
+        if a.is_meta: return True
         if a.is_quantized: return torch.equal(a.int_repr(), b.int_repr()) and a.q_scale()==b.q_scale()
         return bool(((a==b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
     if isinstance(a, (tuple, list)): return type(a)==type(b) and len(a)==len(b) and all(_same(x, y) for x,y in zip(a, b))
@@ -98,6 +99,8 @@ for meth in ('Tucker', 'CP', 'SVD', 'Spatial'):
     case(f"{meth}-on-Conv1d", lambda: nn.Conv1d(4, 4, 3), lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'takes an nn.Conv2d', NAME)
     case(f"{meth}-on-ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 4, 3), lambda l, f=f: f(l, rank=2), TypeError, 'takes an nn.Conv2d', 'ConvTranspose2d')
     case(f"{meth}-on-quantized-Conv2d", quantized_conv, lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'quantized', NAME)
+    case(f"{meth}-on-meta-device", lambda: nn.Conv2d(4, 4, 3, device='meta'), lambda l, f=f: f(l, rank=2, name=NAME), ValueError, 'meta device', NAME)
+case("FC.SVD-on-meta-device", lambda: nn.Linear(4, 4, device='meta'), lambda l: fc.SVD(l, rank=2, name=NAME), ValueError, 'meta device', NAME)
 case("FC.SVD-on-Conv2d", conv, lambda l: fc.SVD(l, rank=2, name=NAME), TypeError, "use Conv_Decomposer()'s methods", NAME)
 case("FC.SVD-on-quantized-Linear", quantized_linear, lambda l: fc.SVD(l, rank=2, name=NAME), TypeError, 'quantized', NAME)
 case("FC.SVD-on-quantized-Linear-unnamed", quantized_linear, lambda l: fc.SVD(l, rank=2), TypeError, 'quantized', 'Linear')
@@ -126,10 +129,7 @@ case("decompose_model-nan-weight", lambda: poison(net(), 'head', lambda l: with_
 case("model-FC-quantize_dynamic", quantized_net, lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), (TypeError, ValueError), 'quantized')
 case("decompose_model-quantize_dynamic", quantized_net, lambda m: decompose_model(m, 'tucker', quiet=True, rank=2), (TypeError, ValueError), 'quantized')
 
-XFAIL = {  # core bugs these tests found (see the report); remove an entry once the core is fixed
-    'model-FC-quantize_dynamic': "core bug: a quantize_dynamic model raises 'no nn.Linear layer to decompose in this model', which does not say the layers are quantized",
-    'decompose_model-quantize_dynamic': "core bug: decompose_model on a quantize_dynamic model raises 'no nn.Linear or nn.Conv2d layer to decompose', which does not say the layers are quantized",
-}
+XFAIL = {}  # core bugs these tests found; none open
 CASES = [pytest.param(*c.values, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[c.id])] if c.id in XFAIL else []) for c in CASES]
 
 @pytest.mark.parametrize('build,call,exc,msg,named', CASES)
