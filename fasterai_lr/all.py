@@ -2,3 +2,7 @@
 from .factorize import *
 from .layers import *
 from .decompose import *
+from .ranks import *
+from .calibrate import *
+from .callback import *
+from .export import *

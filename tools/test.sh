@@ -2,6 +2,7 @@
 # Run the test suite: pytest (tests/) and the notebooks (nbdev-test). Expects tools/setup.sh to have run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg
+# two workers on two cores: one thread each (two OpenMP threads per worker make torch 10x slower, not faster)
+export PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 python -m pytest -q -n 2 tests
 nbdev-test --n-workers 2
