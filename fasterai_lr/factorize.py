@@ -149,7 +149,7 @@ def full_ranks(shape)->dict:
     O,I,kh,kw = shape[-4:]
     return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,kh,kw)))
 
-# %% ../nbs/00_factorize.ipynb #852f02a4
+# %% ../nbs/00_factorize.ipynb #01bbce52
 def linear_rank(m:int, n:int, keep:float)->int:
     "Largest rank whose two factors hold at most `keep` of an m×n matrix's parameters (at least 1)"
     return max(1, int(keep*m*n/(m+n) + 1e-9))   # 1e-9: a budget met exactly must not lose a rank to rounding
@@ -169,8 +169,10 @@ def tucker_budget_ranks(K:Tensor, keep:float)->tuple[int,int]:
         ev = torch.linalg.eigvalsh(M @ M.mT); ev = ev.reshape(-1, ev.shape[-1]).sum(0).clamp_min(0).flip(0)
         return torch.cat([ev.flip(0).cumsum(0).flip(0), ev.new_zeros(1)])
     t_o,t_i = tail(unfold(X, 0)), tail(unfold(X, 1))
-    ri = torch.arange(1, I+1)
-    ro = ((keep*O*I*kh*kw - I*ri) / (ri*kh*kw + O) + 1e-9).floor().clamp(max=O).long()
+    P,ri = keep*O*I*kh*kw + 1e-9, torch.arange(1, I+1)
+    c_in = I*ri*(ri<I)                                         # a full-rank factor is folded into the core (`conv_costs`)
+    ro = ((P - c_in) / (ri*kh*kw + O)).floor().clamp(max=O-1).long()
+    ro = torch.where(c_in + O*ri*kh*kw <= P, O, ro)
     ok = ro >= 1
     if not ok.any(): return 1, 1
     err = (t_o[ro.clamp(min=0)] + t_i[ri]).masked_fill(~ok, float('inf'))
@@ -183,16 +185,17 @@ def tucker_keep_ranks(O:int, I:int, kh:int, kw:int, keep:float)->tuple[int,int]:
     a = (-(O*O+I*I) + math.sqrt((O*O+I*I)**2 + 4*keep*(O*I*k2)**2)) / (2*O*I*k2)
     return max(1, min(O, int(a*O + 1e-9))), max(1, min(I, int(a*I + 1e-9)))
 
-# %% ../nbs/00_factorize.ipynb #ada3d498
+# %% ../nbs/00_factorize.ipynb #71926c51
 def conv_costs(method:str, rank, O:int, I:int, kh:int, kw:int, groups:int=1, hw_in=(1,1), hw_out=(1,1))->tuple[int,int]:
     "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*"
     (H,W),(Ho,Wo) = hw_in,hw_out
     if method=='original': p,m = O*I*kh*kw, O*I*kh*kw*Ho*Wo
     elif method=='svd':    p = rank*(I*kh*kw+O); m = p*Ho*Wo
     elif method=='spatial':p,m = rank*(I*kh+O*kw), rank*(I*kh*Ho*W + O*kw*Ho*Wo)
-    elif method=='tucker':
+    elif method=='tucker':   # a factor at full rank is an invertible map: it is folded into the core, not run
         ro,ri = rank
-        p,m = I*ri + ri*ro*kh*kw + ro*O, I*ri*H*W + (ri*ro*kh*kw + ro*O)*Ho*Wo
+        a,b = I*ri*(ri<I), ro*O*(ro<O)
+        p,m = a + ri*ro*kh*kw + b, a*H*W + (ri*ro*kh*kw + b)*Ho*Wo
     elif method=='cp':     p,m = rank*(I+kh+kw+O), rank*(I*H*W + kh*Ho*W + (kw+O)*Ho*Wo)
     else: raise ValueError(f"unknown method {method!r}")
     return groups*p, groups*m

@@ -12,8 +12,8 @@ from fastcore.basics import store_attr
 from .factorize import *
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'factor_conv',
-           'set_params', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp']
+__all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'factor_conv', 'shell',
+           'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp']
 
 # %% ../nbs/01_layers.ipynb #9d32a9e3
 class Factorized(nn.Sequential):
@@ -86,66 +86,69 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
     if value > full: raise ValueError(f"{at}rank={value} is above the full rank {full} of {method} for this layer; pass a rank in 1..{full}")
     return value
 
-# %% ../nbs/01_layers.ipynb #66dfa643
-def factor_conv(conv:nn.Conv2d, cin:int, cout:int, axes=(0,1), groups:int|None=None, weight:Tensor|None=None, bias:Tensor|None=None)->nn.Conv2d:
+# %% ../nbs/01_layers.ipynb #c82f5528
+def factor_conv(conv:nn.Conv2d, cin:int, cout:int, axes=(0,1), groups:int|None=None, bias:bool=False)->nn.Conv2d:
     "A Conv2d `cin`→`cout` with `conv`'s kernel, stride, padding, dilation and padding mode along `axes` (0: height, 1: width), 1×1 elsewhere"
     pick = lambda v,one: tuple(v[i] if i in axes else one for i in range(2))
     pad = (conv.padding if axes else 0) if isinstance(conv.padding, str) else pick(conv.padding, 0)
-    c = nn.Conv2d(cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad, pick(conv.dilation,1), groups=groups or conv.groups,
-                  bias=bias is not None, padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, dtype=conv.weight.dtype)
-    return set_params(c, weight, bias, like=conv.weight)
+    return nn.Conv2d(cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad, pick(conv.dilation,1), groups=groups or conv.groups,
+                     bias=bias, padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, dtype=conv.weight.dtype)
 
-def set_params(layer:nn.Module, weight:Tensor, bias:Tensor|None=None, like:Tensor|None=None)->nn.Module:
-    "Copy `weight` (reshaped to fit) and `bias` into `layer`, in its dtype; factors train if the weights they replace did"
-    with torch.no_grad():
-        layer.weight.copy_(weight.reshape(layer.weight.shape))
-        if bias is not None: layer.bias.copy_(bias)
-    if like is not None: layer.requires_grad_(like.requires_grad)
-    return layer
-
-# %% ../nbs/01_layers.ipynb #38cfa215
+# %% ../nbs/01_layers.ipynb #2a94bf87
 def _src(layer): return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
 def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
+def shell(layer:nn.Module, method:str, rank)->Factorized:
+    "The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, weights not set"
+    b = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        fs = [nn.Linear(layer.in_features, rank, bias=False, **kw), nn.Linear(rank, layer.out_features, bias=b, **kw)]
+    else:
+        (G,O,I),C_in,C_out = kernel(layer).shape[:3], layer.in_channels, layer.out_channels
+        f = lambda cin, cout, axes=(0,1), groups=None, bias=False: factor_conv(layer, cin, cout, axes, groups, bias=bias)
+        if method=='svd':       fs = [f(C_in, G*rank), f(G*rank, C_out, (), bias=b)]
+        elif method=='spatial': fs = [f(C_in, G*rank, (0,)), f(G*rank, C_out, (1,), bias=b)]
+        elif method=='tucker':
+            ro,ri = rank
+            fs = [f(C_in, G*ri, ())]*(ri<I) + [f(G*ri, G*ro, bias=b and ro==O)] + [f(G*ro, C_out, (), bias=b)]*(ro<O)
+        elif method=='cp':      R = G*rank; fs = [f(C_in, R, ()), f(R, R, (0,), groups=R), f(R, R, (1,), groups=R), f(R, C_out, (), bias=b)]
+        else: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, BUILDERS))}")
+    for l in fs: l.requires_grad_(layer.weight.requires_grad)   # factors train if the weights they replace did
+    return Factorized(*fs, method=method, rank=rank, source=_src(layer))
+
+def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
+    "Copy `weights` (reshaped to fit) into `block`'s layers in order, and `bias` into its last one"
+    with torch.no_grad():
+        for l,w in zip(block, weights): l.weight.copy_(w.reshape(l.weight.shape))
+        if bias is not None: block[-1].bias.copy_(bias)
+    return block
+
+# %% ../nbs/01_layers.ipynb #ed32a5e6
 def linear_svd(lin:nn.Linear, rank)->Factorized:
     "Two Linears, in→rank (no bias) and rank→out (the original bias), from the truncated SVD of `lin`'s weight"
     A,B = svd_factors(lin.weight.detach(), rank)
-    kw = dict(device=lin.weight.device, dtype=lin.weight.dtype)
-    first = set_params(nn.Linear(lin.in_features, rank, bias=False, **kw), B, like=lin.weight)
-    last = set_params(nn.Linear(rank, lin.out_features, bias=lin.bias is not None, **kw), A, _bias(lin), like=lin.weight)
-    return Factorized(first, last, method='svd', rank=rank, source=_src(lin))
+    return fill(shell(lin, 'svd', rank), B, A, bias=_bias(lin))
 
 def conv_svd(conv:nn.Conv2d, rank)->Factorized:
     "k×k conv with `rank` filters (per group) → 1×1 conv: channel SVD (Zhang et al. 2015)"
-    a,b = channel_svd(kernel(conv), rank)
-    G = conv.groups
-    return Factorized(factor_conv(conv, conv.in_channels, G*rank, weight=a),
-                      factor_conv(conv, G*rank, conv.out_channels, (), weight=b, bias=_bias(conv)), method='svd', rank=rank, source=_src(conv))
+    return fill(shell(conv, 'svd', rank), *channel_svd(kernel(conv), rank), bias=_bias(conv))
 
 def conv_spatial(conv:nn.Conv2d, rank)->Factorized:
     "kh×1 conv with `rank` filters (per group) → 1×kw conv: spatial SVD (Jaderberg et al. 2014)"
-    v,h = spatial_svd(kernel(conv), rank)
-    G = conv.groups
-    return Factorized(factor_conv(conv, conv.in_channels, G*rank, (0,), weight=v),
-                      factor_conv(conv, G*rank, conv.out_channels, (1,), weight=h, bias=_bias(conv)), method='spatial', rank=rank, source=_src(conv))
+    return fill(shell(conv, 'spatial', rank), *spatial_svd(kernel(conv), rank), bias=_bias(conv))
 
 def conv_tucker(conv:nn.Conv2d, rank)->Factorized:
-    "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015)"
-    ro,ri = rank
+    "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is folded into the core"
+    (ro,ri),(G,O,I) = rank, kernel(conv).shape[:3]
     core,U_out,U_in = tucker2(kernel(conv), rank)
-    G = conv.groups
-    return Factorized(factor_conv(conv, conv.in_channels, G*ri, (), weight=U_in.mT),
-                      factor_conv(conv, G*ri, G*ro, weight=core),
-                      factor_conv(conv, G*ro, conv.out_channels, (), weight=U_out, bias=_bias(conv)), method='tucker', rank=rank, source=_src(conv))
+    if ri==I: core = torch.einsum('...rshw,...is->...rihw', core, U_in)
+    if ro==O: core = torch.einsum('...rshw,...or->...oshw', core, U_out)
+    return fill(shell(conv, 'tucker', rank), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
 
 def conv_cp(conv:nn.Conv2d, rank)->Factorized:
     "1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 convs from the CP decomposition of the kernel (Lebedev et al. 2014)"
     a_out,a_in,a_h,a_w = cp(kernel(conv), rank)
-    R = conv.groups*a_out.shape[-1]
-    return Factorized(factor_conv(conv, conv.in_channels, R, (), weight=a_in.mT),
-                      factor_conv(conv, R, R, (0,), groups=R, weight=a_h.mT),
-                      factor_conv(conv, R, R, (1,), groups=R, weight=a_w.mT),
-                      factor_conv(conv, R, conv.out_channels, (), weight=a_out, bias=_bias(conv)),
-                      method='cp', rank=a_out.shape[-1], source=_src(conv))
+    return fill(shell(conv, 'cp', a_out.shape[-1]), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
 
 BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_cp)

@@ -15,8 +15,12 @@ def block_kernel(blk, G:int=1)->torch.Tensor:
         return torch.einsum('gor,grihw->goihw', per_group(w[1])[...,0,0], per_group(w[0]))
     if blk.method=='spatial':  # kh×1 → 1×kw
         return torch.einsum('gorx,griy->goiyx', per_group(w[1])[:,:,:,0], per_group(w[0])[...,0])
-    if blk.method=='tucker':   # 1×1 → kh×kw core → 1×1
-        return torch.einsum('gor,grshw,gsi->goihw', per_group(w[2])[...,0,0], per_group(w[1]), per_group(w[0])[...,0,0])
+    if blk.method=='tucker':   # 1×1 → kh×kw core → 1×1, a factor at full rank folded into the core
+        (ro,ri),first,last = blk.rank, blk[0].in_channels//G, blk[-1].out_channels//G
+        core = per_group(w[1 if ri<first else 0])
+        if ri<first: core = torch.einsum('grshw,gsi->grihw', core, per_group(w[0])[...,0,0])
+        if ro<last: core = torch.einsum('gor,grihw->goihw', per_group(w[-1])[...,0,0], core)
+        return core
     if blk.method=='cp':       # 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1
         return torch.einsum('gor,gri,grh,grw->goihw', per_group(w[3])[...,0,0], per_group(w[0])[...,0,0],
                             per_group(w[1])[:,:,0,:,0], per_group(w[2])[:,:,0,0,:])
