@@ -78,12 +78,13 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
     return p, (m if shapes else None)
 
-# %% ../nbs/02_decompose.ipynb #aa8d31aa
+# %% ../nbs/02_decompose.ipynb #c46e82dd
 def _skip_reason(name, layer, parents)->str|None:
     "Why `layer` must stay as it is, or None"
     if type(layer).forward is not (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d).forward: return f"{type(layer).__name__} has its own forward"
     if isinstance(parents.get(name.rpartition('.')[0]), nn.MultiheadAttention): return "read directly by MultiheadAttention"
-    if isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.in_channels//layer.groups == 1: return "depthwise: one input channel per group, nothing to factorize"
+    if isinstance(layer, nn.Conv2d) and layer.in_channels//layer.groups == 1:
+        return "depthwise: one input channel per group, nothing to factorize" if layer.groups > 1 else "one input channel: a few filters, too small to factorize"
 
 def _select(model, kind, layers, exclude)->list:
     "(name, layer) of the `kind` layers of `model` in or under `layers` (all if None) and not under `exclude`"
@@ -97,12 +98,26 @@ def _select(model, kind, layers, exclude)->list:
     return [(k,m) for k,m in mods.items() if isinstance(m, kind) and (layers is None or inside(k, layers)) and not inside(k, exclude)
             and not any(k.startswith(d+'.') for d in done)]
 
-# %% ../nbs/02_decompose.ipynb #ccf1dcfc
+# %% ../nbs/02_decompose.ipynb #7934517f
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
     kw = dict(sample=sample) if 'sample' in inspect.signature(rank.ranks).parameters else {}   # whole-model MAC budgets need it
     return rank.ranks(new, cands, **kw)
+
+def _at_most_full(v, layer, method, name=''):
+    "One rank for a whole model means at most that rank: capped at each layer's full rank"
+    if v=='full': return v
+    full = full_ranks(kernel(layer).shape)[method]
+    if method=='tucker': return tuple(min(a, f) for a,f in zip((v,v) if isinstance(v, int) else v, full))
+    if isinstance(v, tuple): raise ValueError(f"{name}: rank={v}: a pair of ranks is for Tucker only; pass an int for {method}")
+    return min(v, full)
+
+def _check_model_rank(v, cands):
+    "A whole-model rank that is at or above every layer's full rank decomposes nothing: say so"
+    fulls = {n: full_ranks(kernel(m).shape)[meth] for n,m,meth,_ in cands}
+    if fulls and v!='full' and all(_at_most_full(v, m, meth, n)==fulls[n] for n,m,meth,_ in cands):
+        raise ValueError(f"rank={v} is above the full rank of every layer ({', '.join(f'{n}: {f}' for n,f in fulls.items())}); pass a smaller rank, or keep=")
 
 def _plan_rank(v): return v[1] if isinstance(v, tuple) and isinstance(v[0], str) else v
 
@@ -132,6 +147,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
         if reason := _skip_reason(n, m, parents): rows[n]['note'] = reason
         else: cands.append((n, m, 'svd' if kind is nn.Conv2d and m.kernel_size==(1,1) else method, shapes.get(n)))
     plan = _plan(opts.get('rank'), new, cands, sample) if per_layer else None
+    if opt=='rank': _check_model_rank(v, cands)
     if calib is not None: calib.prepare(new, [c[0] for c in cands])
     for n,m,meth,shp in (cands if quiet else progress_bar(cands, leave=False)):
         row = rows[n]
@@ -139,7 +155,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
         if plan is not None and isinstance(plan[n], tuple) and isinstance(plan[n][0], str):   # (method, rank): this layer's own method
             meth = 'svd' if kind is nn.Linear else plan[n][0]
             if meth not in methods: raise ValueError(f"{n}: unknown method {meth!r} in the rank plan; pass one of {', '.join(map(repr, methods))}")
-        r = layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n) if plan is not None else layer_rank(kernel(m), meth, opt, v, n)
+        r = layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n) if plan is not None else layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n)
         p1,m1 = layer_costs(m, meth, r, shp)
         if p1 >= row['params'] and not (opt=='rank' and v=='full'):
             row['note'] = f"rank {r} would keep {p1/row['params']:.0%} of the parameters"; continue
@@ -151,11 +167,11 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
     return new, report
 
-# %% ../nbs/02_decompose.ipynb #7db262ea
+# %% ../nbs/02_decompose.ipynb #13f7dadd
 @patch
 def decompose(self:(FC_Decomposer,Conv_Decomposer), model:nn.Module,
               method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d
-              rank=None,            # an int, a pair (Tucker's (out, in)), 'full' (exact), a {layer name: rank or (method, rank)} dict, or a budget with `.ranks(model, candidates)`
+              rank=None,            # an int or a pair (Tucker's (out, in)), capped at each layer's full rank; 'full' (exact); a {layer name: rank or (method, rank)} dict; or a budget with `.ranks(model, candidates)`
               keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
               percent_removed=None, # fraction of each layer's rank to remove
               energy=None,          # share of squared singular values to keep

@@ -15,13 +15,14 @@ from .factorize import *
 __all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'factor_conv', 'shell',
            'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp']
 
-# %% ../nbs/01_layers.ipynb #9d32a9e3
+# %% ../nbs/01_layers.ipynb #62b375f1
 class Factorized(nn.Sequential):
     "Standard layers in sequence that replace one layer, with the `method` and `rank` that made them"
     def __init__(self, *layers:nn.Module, method:str, rank, source:str=''):
         super().__init__(*layers)
         store_attr('method,rank,source')
     def extra_repr(self): return f"method={self.method!r}, rank={self.rank}" + (f", source={self.source!r}" if self.source else '')
+    def __getitem__(self, i): return nn.Sequential(*list(self)[i]) if isinstance(i, slice) else super().__getitem__(i)   # a slice is no longer the whole factorization
 
 # %% ../nbs/01_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')

@@ -109,7 +109,7 @@ case("FC.SVD-on-quantized-Linear-unnamed", quantized_linear, lambda l: fc.SVD(l,
 for meth in ('tucker', 'cp', 'svd', 'spatial'):
     dec = lambda **kw: (lambda m, meth=meth: Conv_Decomposer().decompose(m, meth, quiet=True, **kw))
     case(f"model-{meth}-rank=0", net, dec(rank=0), ValueError, 'is not a rank')
-    case(f"model-{meth}-rank-above-full", net, dec(rank=60), ValueError, 'above the full', 'features.0')
+    case(f"model-{meth}-rank-above-full", net, dec(rank=60), ValueError, 'above the full rank of every layer', 'features.0')
     for k in (0, -0.1, 1.5): case(f"model-{meth}-keep={k}", net, dec(keep=k), ValueError, 'outside (0, 1]')
     for p in (-0.1, 1): case(f"model-{meth}-percent_removed={p}", net, dec(percent_removed=p), ValueError, 'outside [0, 1)')
     if meth!='cp': case(f"model-{meth}-energy=1.5", net, dec(energy=1.5), ValueError, 'outside (0, 1]')
@@ -123,7 +123,7 @@ case("model-cp-energy", net, lambda m: Conv_Decomposer().decompose(m, 'cp', ener
 case("model-unknown-method", net, lambda m: Conv_Decomposer().decompose(m, 'tuckr', quiet=True), ValueError, "unknown method 'tuckr'")
 case("model-FC-unknown-method", net, lambda m: FC_Decomposer().decompose(m, 'tucker', quiet=True), ValueError, "unknown method 'tucker'")
 case("model-FC-inf-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (1, 1), float('inf'))), lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), ValueError, 'NaN or Inf', 'head')
-case("model-FC-rank-above-full", net, lambda m: FC_Decomposer().decompose(m, rank=5, quiet=True), ValueError, 'above the full', 'head')
+case("model-FC-rank-above-full", net, lambda m: FC_Decomposer().decompose(m, rank=5, quiet=True), ValueError, 'above the full rank of every layer', 'head')
 case("model-FC-layers-not-Linear", net, lambda m: FC_Decomposer().decompose(m, layers=['features.0'], quiet=True), ValueError, 'no nn.Linear in it')
 case("decompose_model-nan-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (0, 0), float('nan'))), lambda m: decompose_model(m, 'tucker', quiet=True, rank=2), ValueError, 'NaN or Inf', 'head')
 case("model-FC-quantize_dynamic", quantized_net, lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), (TypeError, ValueError), 'quantized')
@@ -146,8 +146,14 @@ def test_model_untouched_after_error_midway():
     "An error on the second conv, raised after the first was factorized in the copy, must not leak into the model passed in"
     m = net()                                   # svd full ranks: features.0 → 8, features.2 → 6
     before = snapshot(m)
-    with pytest.raises(ValueError, match=r"features\.2: rank=7 is above the full rank"): Conv_Decomposer().decompose(m, 'svd', rank=7, quiet=True)
-    assert_untouched(before, m, "decompose(rank=7) failing on the second conv")
+    with pytest.raises(ValueError, match=r"features\.2: rank=\(2, 2\): a pair of ranks is for Tucker only"): Conv_Decomposer().decompose(m, 'svd', rank={'features.0': 2, 'features.2': (2, 2)}, quiet=True)
+    assert_untouched(before, m, "decompose(rank plan) failing on the second conv")
+
+def test_model_rank_is_at_most():
+    "One rank for a whole model is capped at each layer's full rank (a layer it would not shrink is left as it was)"
+    cd = Conv_Decomposer(); cd.decompose(net(), 'svd', rank=7, quiet=True)   # full ranks: features.0 → 8, features.2 → 6
+    r = cd.report.set_index('layer')
+    assert r.loc['features.2', 'note'].startswith('rank 6 would keep'), r
 
 def test_snapshot_sees_changes():
     "The untouched check above can fail: a changed weight, a NaN, a swapped module or a frozen parameter are all seen"
