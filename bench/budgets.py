@@ -1,6 +1,7 @@
 """A whole-model `Budget` against a uniform per-layer `keep`, at the same total parameters and at the same total MACs:
 relative logit error on held-out data and accuracy before fine-tuning, on a CNN trained on sklearn's digits and on
-torchvision's resnet18 (weights=None: cost and error only). Run: python bench/budgets.py [--no-resnet]"""
+torchvision's resnet18 (weights=None: cost and error only). Run: python bench/budgets.py [--no-resnet] [--threads N]
+One thread by default: on a shared 2-core machine more threads than free cores slow PyTorch down by an order of magnitude."""
 import argparse, time, torch, torchvision, numpy as np
 from torch import nn
 from sklearn.datasets import load_digits
@@ -56,11 +57,12 @@ def show(rows):
     print(f"{'model':10}{'keep':>5} {'matched':8}{'errors by':>10}{'asked':>8}{'got':>8} | {'rel. logit error':^17} | {'accuracy':^17}")
     print(f"{'':10}{'':>5} {'':8}{'':>10}{'':>8}{'':>8} | {'uniform':>8} {'budget':>8} | {'uniform':>8} {'budget':>8}")
     for n,k,by,w,f,got,eu,eg,au,ag in rows:
-        print(f"{n:10}{k:5.2f} {by:8}{w:>10}{f:8.1%}{got:8.1%} | {eu:8.3f} {eg:8.3f} | {pct(au):>8} {pct(ag):>8}")
+        print(f"{n:10}{k:5.2f} {by:8}{w:>10}{f:8.2%}{got:8.2%} | {eu:8.3f} {eg:8.3f} | {pct(au):>8} {pct(ag):>8}")
 
 if __name__=='__main__':
-    p = argparse.ArgumentParser(); p.add_argument('--no-resnet', action='store_true'); a = p.parse_args()
-    torch.manual_seed(0)
+    p = argparse.ArgumentParser(); p.add_argument('--no-resnet', action='store_true'); p.add_argument('--threads', type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads); torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'weights': unweighted relative weight errors, 'sens': weighted by measured sensitivity")
     t = time.perf_counter()
     (Xt,yt),(Xv,yv) = digits_data()

@@ -80,10 +80,10 @@ def layer_inputs(model, names, X):
 def params(m): return sum(p.numel() for p in m.parameters())
 
 @torch.no_grad()
-def best_plan(model, names, data, keep, X, global_budget=False):
+def best_plan(model, names, data, keep, X, global_budget=False, **kw):
     """Per layer, the data-aware method (and with `global_budget` the rank) with the lowest output error on the calibration
     inputs `X`; globally: the (method, rank) per layer minimising the sum of squared relative layer errors under the total budget"""
-    cal = Calibration(data).prepare(copy.deepcopy(model), names)
+    cal = Calibration(data, **kw).prepare(copy.deepcopy(model), names)
     xs = layer_inputs(model, names, X)
     cands = {}
     for n in names:
@@ -91,7 +91,7 @@ def best_plan(model, names, data, keep, X, global_budget=False):
         cands[n] = []
         for meth in (['svd'] if isinstance(m, nn.Linear) else ['svd','spatial','tucker','cp']):
             full = full_ranks(kernel(m).shape)[meth]
-            rs = ([layer_rank(kernel(m), meth, 'keep', k) for k in (0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25,0.3,0.4,0.5,0.7)] if global_budget
+            rs = ([layer_rank(kernel(m), meth, 'keep', k) for k in (0.03,0.05,0.08,0.12,0.18,0.25,0.35,0.5)] if global_budget
                   else [layer_rank(kernel(m), meth, 'keep', keep)])
             for r in dict.fromkeys(rs):
                 if (r if meth!='tucker' else r[0]) > (full if meth!='tucker' else full[0]): continue
@@ -128,7 +128,7 @@ def find_fasterai(path):
     try: import fasterai.misc.conv_decomposer; return True
     except ImportError as e: print(f"(fasterai not importable: {e}; its columns are skipped)"); return False
 
-def calibrate_resnet50(n_images=256, bs=32, max_rows=2048):
+def calibrate_resnet50(n_images=256, bs=32, max_rows=1024, methods=('tucker',)):
     "Time and peak RSS of streaming the statistics of torchvision's resnet50 (weights=None) on `n_images` random 224×224 images"
     import torchvision
     torch.manual_seed(0)
@@ -140,15 +140,14 @@ def calibrate_resnet50(n_images=256, bs=32, max_rows=2048):
         for x in xs: model(x)
     t_fwd = time.perf_counter()-t
     names = [n for n,m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for meth in ('tucker', 'svd'):
+    for meth in methods:
         cal = Calibration(xs, n_batches=len(xs), max_rows=max_rows).prepare(model, names)
         t = time.perf_counter()
-        todo = {n: stat_kind(cal.ref_mods[n], meth) for n in names}
-        cal._collect(todo)
+        cal.collect(meth)
         dt = time.perf_counter()-t
         stat_mb = sum(sum(v.numel()*8 for v in (s.G, s.C, s.Cin, s.Cout) if v is not None) for s in cal.stats.values())/2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20
-        print(f"resnet50, {n_images} images 224×224, statistics for {meth:6}: {dt:5.1f} s (a plain forward of the same data: {t_fwd:.1f} s), "
+        print(f"resnet50, {n_images} images 224×224, max_rows={max_rows}, statistics for {meth:6}: {dt:5.1f} s (a plain forward of the same data: {t_fwd:.1f} s), "
               f"Grams {stat_mb:,.0f} MiB, peak RSS {rss:.2f} GiB (+{rss-rss0:.2f} GiB over the model and data), {torch.get_num_threads()} threads")
         del cal
 
@@ -156,7 +155,8 @@ if __name__=='__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--fasterai', default=None, help='folder with the fasterai (and einops) wheels')
     ap.add_argument('--resnet50', action='store_true', help='also time the calibration of resnet50')
-    ap.add_argument('--n-batches', type=int, default=16)
+    ap.add_argument('--n-batches', type=int, default=8)
+    ap.add_argument('--resnet50-methods', default='tucker', help="methods whose statistics to time on resnet50, e.g. 'tucker,svd'")
     a = ap.parse_args()
     torch.manual_seed(0)
     (Xtr,ytr),(Xte,yte) = digits_data()
@@ -164,7 +164,7 @@ if __name__=='__main__':
     dense = train(digits_net(), Xtr, ytr)
     _,acc0 = evaluate(dense, dense, Xte, yte)
     names = targets(dense)
-    print(f"digits CNN: {params(dense):,} parameters, test accuracy {acc0:.4f}, trained in {time.perf_counter()-t:.1f} s; compressing {names}")
+    print(f"digits CNN: {params(dense):,} parameters, test accuracy {acc0:.4f}, trained in {time.perf_counter()-t:.1f} s; compressing {names}", flush=True)
     data = list(zip(Xtr.split(64), ytr.split(64)))
     has_fa = find_fasterai(a.fasterai)
     rows = {}
@@ -175,11 +175,11 @@ if __name__=='__main__':
             plan = uniform_plan(dense, names, meth, keep)
             col[f'data {meth}'] = data_aware(dense, names, plan, data, n_batches=a.n_batches)
             col[f'data {meth} seq'] = data_aware(dense, names, plan, data, sequential=True, n_batches=a.n_batches)
+            print(f"keep {keep:.0%} {meth}: done", flush=True)
         for glob_ in (False, True):
-            plan = best_plan(dense, names, data, keep, torch.cat([x for x,_ in data[:a.n_batches]]), glob_)
-            tag = 'best global' if glob_ else 'best per layer'
-            col[tag] = data_aware(dense, names, plan, data, n_batches=a.n_batches)
-            col[tag+' seq'] = data_aware(dense, names, plan, data, sequential=True, n_batches=a.n_batches)
+            plan = best_plan(dense, names, data, keep, torch.cat([x for x,_ in data[:a.n_batches]]), glob_, n_batches=a.n_batches)
+            tag = 'best global seq' if glob_ else 'best per layer seq'
+            col[tag] = data_aware(dense, names, plan, data, sequential=True, n_batches=a.n_batches)
             print(f"keep {keep:.0%}, {tag}: " + ', '.join(f"{n}: {m} {r}" for n,(m,r) in plan.items()))
         if has_fa:
             for meth in ('Tucker','SVD'): col[f'fasterai {meth}'] = fasterai_column(dense, names, keep, meth)
@@ -190,4 +190,4 @@ if __name__=='__main__':
     for k,r in rows.items():
         print(f"{k:22}|" + ' |'.join(f"{r[kp][0]:20.3f}{r[kp][1]/acc0:10.3f}{r[kp][2]:8.1%}" for kp in (0.25, 0.10)))
     print("targets: 25%: logit err ≤ 0.15, acc/dense ≥ 0.99; 10%: ≤ 0.45, ≥ 0.97 ('params': kept share of the compressed layers' parameters)")
-    if a.resnet50: calibrate_resnet50()
+    if a.resnet50: calibrate_resnet50(methods=a.resnet50_methods.split(','))

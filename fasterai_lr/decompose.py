@@ -167,9 +167,9 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
     return new, report
 
-# %% ../nbs/02_decompose.ipynb #13f7dadd
+# %% ../nbs/02_decompose.ipynb #4093d620
 @patch
-def decompose(self:(FC_Decomposer,Conv_Decomposer), model:nn.Module,
+def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d
               rank=None,            # an int or a pair (Tucker's (out, in)), capped at each layer's full rank; 'full' (exact); a {layer name: rank or (method, rank)} dict; or a budget with `.ranks(model, candidates)`
               keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)

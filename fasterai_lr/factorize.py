@@ -79,10 +79,7 @@ def tucker2_to_tensor(core:Tensor, U_out:Tensor, U_in:Tensor)->Tensor:
     "The kernel that a Tucker-2 decomposition stands for"
     return torch.einsum('...rshw,...or,...is->...oihw', core, U_out, U_in)
 
-# %% ../nbs/00_factorize.ipynb #c80a1a25
-_CP_EQS = ['...oihw,...ir,...hr,...wr->...or', '...oihw,...or,...hr,...wr->...ir',
-           '...oihw,...or,...ir,...wr->...hr', '...oihw,...or,...ir,...hr->...wr']
-
+# %% ../nbs/00_factorize.ipynb #e8f44233
 def cp_full_rank(shape)->int:
     "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape` (O,I,kh,kw)"
     return min(math.prod(shape[:i]+shape[i+1:]) for i in range(4))
@@ -102,30 +99,47 @@ def cp_to_tensor(factors:list[Tensor])->Tensor:
     "The kernel (…×O×I×kh×kw) that CP factors stand for"
     return torch.einsum('...or,...ir,...hr,...wr->...oihw', *factors)
 
-def cp(K:Tensor, rank:int, n_iter:int=30, tol:float=1e-5, ridge:float=1e-6)->list[Tensor]:
+def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
+    "M (…×d×R) times (G + ridge·mean diag(G)·I)⁻¹, G (…×R×R) symmetric: one ALS update"
+    G = G + ridge*G.diagonal(dim1=-2, dim2=-1).mean(-1)[...,None,None]*torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    return torch.cholesky_solve(M.mT, torch.linalg.cholesky(G)).mT
+
+def cp(K:Tensor, rank:int, n_iter:int=12, tol:float=1e-4, ridge:float=1e-6)->list[Tensor]:
     "CP factors [A_out, A_in, A_h, A_w] (…×d×`rank`) of K (…×O×I×kh×kw) by regularised ALS; `rank='full'` is exact"
     if rank=='full' or rank==cp_full_rank(K.shape[-4:]): return cp_exact(K)
-    X = K.to(work_dtype(K))
+    X = K.to(torch.float64 if K.dtype==torch.float64 or K.numel()*rank < _F64_BUDGET/20 else torch.float32)   # a sweep costs ~2·numel·R
+    *B,O,I,kh,kw = X.shape
     g = torch.Generator(device='cpu').manual_seed(0)
     def init(i):
         M = unfold(X, i); U = leading_subspace(M, min(rank, M.shape[-2]))
         if rank > U.shape[-1]: U = torch.cat([U, torch.randn(*U.shape[:-1], rank-U.shape[-1], generator=g).to(U)/U.shape[-2]**0.5], -1)
         return U
-    fs = [init(i) for i in range(4)]
-    norm2, prev = X.square().flatten(-4).sum(-1), None
-    eye = torch.eye(rank, dtype=X.dtype, device=X.device)
-    for it in range(n_iter):
-        for i in range(4):
-            M = torch.einsum(_CP_EQS[i], X, *[f for j,f in enumerate(fs) if j!=i])
-            G = math.prod(f.mT@f for j,f in enumerate(fs) if j!=i)
-            lam = ridge*G.diagonal(dim1=-2,dim2=-1).mean(-1)[...,None,None]
-            fs[i] = torch.linalg.solve(G+lam*eye, M.mT).mT
-        err = ((norm2 - 2*(fs[3]*M).sum((-2,-1)) + math.prod(f.mT@f for f in fs).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
-        ns = torch.stack([f.norm(dim=-2) for f in fs]).clamp_min(1e-30)   # rebalance: equal column norms in every factor
-        fs = [f*(ns.log().mean(0).exp()/n)[...,None,:] for f,n in zip(fs, ns)]
-        if prev is not None and abs(prev-err) < tol: break
+    a_o,a_i,a_h,a_w = [init(i) for i in range(4)]
+    norm2,prev = X.square().flatten(-4).sum(-1), None
+    Xo,Xi = X.flatten(-3), X.movedim(-3,-4).flatten(-3)                    # (…×O×I·hw), (…×I×O·hw)
+    gr = lambda f: f.mT@f
+    G = [gr(f) for f in (a_o,a_i,a_h,a_w)]                                  # the factors' Grams, updated with them
+    for _ in range(n_iter):
+        # contract a channel mode first (one GEMM, O·I·hw·R) so that every intermediate is only (channels × hw × R)
+        kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)            # hw×R: the small spatial Khatri–Rao
+        P = (Xi.mT @ a_i).unflatten(-2, (O,kh*kw))                           # K ×_i A_i: …×O×hw×R
+        a_o = _solve(G[1]*G[2]*G[3], (P*kr[...,None,:,:]).sum(-2), ridge); G[0] = gr(a_o)
+        Q = (Xo.mT @ a_o).unflatten(-2, (I,kh*kw))                           # K ×_o A_o: …×I×hw×R
+        a_i = _solve(G[0]*G[2]*G[3], (Q*kr[...,None,:,:]).sum(-2), ridge); G[1] = gr(a_i)
+        S = (Q*a_i[...,:,None,:]).sum(-3).unflatten(-2, (kh,kw))              # K ×_o A_o ×_i A_i: …×kh×kw×R
+        a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = gr(a_h)
+        M = torch.einsum('...hwr,...hr->...wr', S, a_h)
+        a_w = _solve(G[0]*G[1]*G[2], M, ridge); G[3] = gr(a_w)
+        # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_w∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
+        err = ((norm2 - 2*(a_w*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
+        fs = [a_o,a_i,a_h,a_w]
+        ns = torch.stack([g.diagonal(dim1=-2, dim2=-1) for g in G]).clamp_min(1e-60).sqrt()   # rebalance: equal column norms in every factor
+        sc = [ns.log().mean(0).exp()/n for n in ns]
+        a_o,a_i,a_h,a_w = [f*c[...,None,:] for f,c in zip(fs, sc)]
+        G = [g*c[...,:,None]*c[...,None,:] for g,c in zip(G, sc)]
+        if prev is not None and prev-err <= tol*max(prev, 1e-12): break
         prev = err
-    return fs
+    return [a_o,a_i,a_h,a_w]
 
 # %% ../nbs/00_factorize.ipynb #6e768c0d
 def svd_matrix(K:Tensor, method:str)->Tensor:

@@ -17,10 +17,10 @@ from .decompose import _skip_reason
 
 # %% auto #0
 __all__ = ['evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves', 'allocate',
-           'build_block', 'layer_sensitivity', 'candidates', 'model_macs', 'n_params', 'Budget', 'totals',
+           'build_block', 'layer_sensitivity', 'candidates', 'model_macs', 'n_params', 'Budget', 'model_totals',
            'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep']
 
-# %% ../nbs/03_ranks.ipynb #cdb20c8d
+# %% ../nbs/03_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
 
 def evbmf_rank(s:Tensor, L:int, M:int, grid:int=400)->tuple[int|None,str]:
@@ -28,7 +28,7 @@ def evbmf_rank(s:Tensor, L:int, M:int, grid:int=400)->tuple[int|None,str]:
     a = L/M
     tb = 2.5129*math.sqrt(a)
     xb = (1+tb)*(1+a/tb)                                # components with x > x̄ survive
-    h = min(math.ceil(L/(1+a))-1, L)-1                  # bounds on σ² (Nakajima et al. 2013, Theorem 12)
+    h = min(math.ceil(L/(1+a))-1, L)-1                  # the interval that holds σ² (Nakajima et al. 2013)
     hi = s.square().sum().item()/(L*M)
     lo = max(s[h+1].square().item()/(M*xb), s[h+1:].square().mean().item()/M)
     if not 0 < lo < hi: return None, f"the noise variance bounds [{lo:.3g}, {hi:.3g}] are empty"
@@ -39,7 +39,7 @@ def evbmf_rank(s:Tensor, L:int, M:int, grid:int=400)->tuple[int|None,str]:
     if not torch.isfinite(obj).all(): return None, "the EVBMF objective is not finite"
     return int((s > (M*s2[obj.argmin(),0]*xb).sqrt()).sum()), ''
 
-# %% ../nbs/03_ranks.ipynb #8ae204f7
+# %% ../nbs/03_ranks.ipynb #3484aa10
 def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading dims (the largest rank is returned)
               energy:float=0.9,    # the `energy` rule to fall back to when the noise cannot be estimated
              )->int:
@@ -62,7 +62,7 @@ def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading 
         return energy_rank(s, energy)
     return max(1, r)
 
-# %% ../nbs/03_ranks.ipynb #deef4e33
+# %% ../nbs/03_ranks.ipynb #480ce168
 def _round_up(r:int, step:int, full:int)->int: return min(full, step*math.ceil(r/step))
 
 class VBMF:
@@ -81,7 +81,7 @@ class VBMF:
         "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model`"
         return {n: self.rank(l, m) for n,l,m,_ in candidates}
 
-# %% ../nbs/03_ranks.ipynb #37f1e3f0
+# %% ../nbs/03_ranks.ipynb #eceae41f
 def rank_grid(full:int, round_to:int=1, n:int=64)->list[int]:
     "At most `n` ranks in 1..`full`, evenly spaced multiples of `round_to`"
     step = round_to*math.ceil(full/(n*round_to))
@@ -114,7 +114,7 @@ def rank_errors(K:Tensor, method:str, ranks:list)->Tensor:
     if method=='cp': return _cp_errors(X, ranks)
     raise ValueError(f"unknown method {method!r}; pass 'svd', 'spatial', 'tucker' or 'cp'")
 
-# %% ../nbs/03_ranks.ipynb #bef73f46
+# %% ../nbs/03_ranks.ipynb #2585e8da
 class Curve:
     "One layer's options: `ranks[i]` costs `params[i]` parameters and `macs[i]` MACs and leaves relative squared error `err[i]`; the last is the layer as it is"
     def __init__(self, name:str, layer:nn.Module, method:str, ranks:list, params:np.ndarray, macs:np.ndarray|None, err:np.ndarray, weight=1.):
@@ -149,7 +149,7 @@ def layer_curves(candidates:list, round_to:int=1, res:int=64)->list[Curve]:
     "A `Curve` for each of `candidates` [(name, layer, method, shapes)] that some rank makes cheaper"
     return [c for n,l,m,s in candidates if (c := layer_curve(n, l, m, s, round_to, res)) is not None]
 
-# %% ../nbs/03_ranks.ipynb #15b52156
+# %% ../nbs/03_ranks.ipynb #ef9f6e82
 def _hull(cost:np.ndarray, err:np.ndarray)->list[int]:
     "Indices of the lower convex hull of the points (cost, err), cheapest first: the options worth taking"
     h = []
@@ -159,14 +159,45 @@ def _hull(cost:np.ndarray, err:np.ndarray)->list[int]:
         h.append(int(i))
     return h
 
-def _fill(costs, errs, pick, limit):
-    "Spend what is left of `limit` on the single moves that lower the error most"
-    while True:
+def _move(costs, errs, pick, slack):
+    "The single move (layer, option) that fits in `slack` and lowers the error most, or None"
+    gains = [np.where(c <= c[j]+slack, e[j]-e, 0.) for c,e,j in zip(costs, errs, pick)]
+    l = max(range(len(gains)), key=lambda l: gains[l].max())
+    return (l, int(gains[l].argmax())) if gains[l].max() > 1e-15 else None
+
+def _exchange(costs, errs, pick, slack):
+    "The pair of moves, one layer up and another down to pay for it, that fits in `slack` and lowers the error most, or None"
+    downs = []                                       # per layer: options that free cost, by cost freed, with the least loss for at least that much
+    for c,e,j in zip(costs, errs, pick):
+        free = c[j]-c
+        i = np.flatnonzero(free > 0); i = i[np.argsort(free[i])]
+        loss = e[i]-e[j]
+        best = np.minimum.accumulate(loss[::-1])[::-1] if len(i) else loss
+        at = i[[int(np.flatnonzero(loss[k:]==best[k])[0])+k for k in range(len(i))]] if len(i) else i
+        downs.append((free[i], best, at))
+    top = (1e-15, None)
+    for l,(c,e,j) in enumerate(zip(costs, errs, pick)):
+        need, gain = c-c[j]-slack, e[j]-e
+        up = np.flatnonzero((need > 0) & (gain > 0))
+        if not len(up): continue
+        for k,(free,loss,at) in enumerate(downs):
+            if k==l or not len(free): continue
+            s = np.searchsorted(free, need[up])     # the cheapest way down that frees enough
+            ok = s < len(free)
+            if not ok.any(): continue
+            net = np.where(ok, gain[up] - loss[np.minimum(s, len(free)-1)], -np.inf)
+            b = int(net.argmax())
+            if net[b] > top[0]: top = (net[b], (l, int(up[b]), k, int(at[s[b]])))
+    return top[1]
+
+def _fill(costs, errs, pick, limit, max_moves:int=200):
+    "Spend what is left of `limit` on the moves that lower the error most: single ones, then pairs (one up, one down)"
+    for _ in range(max_moves):
         slack = limit - sum(c[j] for c,j in zip(costs, pick))
-        gains = [np.where(c <= c[j]+slack, e[j]-e, 0.) for c,e,j in zip(costs, errs, pick)]
-        l = max(range(len(gains)), key=lambda l: gains[l].max())
-        if gains[l].max() <= 1e-15: return pick
-        pick[l] = int(gains[l].argmax())
+        if (m := _move(costs, errs, pick, slack)) is not None: pick[m[0]] = m[1]; continue
+        if (x := _exchange(costs, errs, pick, slack)) is None: break
+        pick[x[0]], pick[x[2]] = x[1], x[3]
+    return pick
 
 def _greedy(costs, errs, limit):
     hulls = [_hull(c, e) for c,e in zip(costs, errs)]
@@ -202,7 +233,7 @@ def allocate(curves:list[Curve], limit:float, by:str='params', alloc:str='greedy
     if least > limit: raise ValueError(f"the layers cannot cost less than {least:,.0f} {by}, over the {limit:,.0f} asked")
     return _fill(costs, errs, (_greedy if alloc=='greedy' else _minmax)(costs, errs, limit), limit)
 
-# %% ../nbs/03_ranks.ipynb #a1a2e8fe
+# %% ../nbs/03_ranks.ipynb #d682166b
 def _batches(data, n:int=4)->list[Tensor]:
     "Up to `n` input batches from a tensor, a list of them, or a DataLoader of (x, y) tuples"
     if isinstance(data, Tensor): return [data]
@@ -239,7 +270,7 @@ def layer_sensitivity(model:nn.Module, curves:list[Curve], data, probes=(0.05, 0
                 if rho: c.weight = c.weight*np.interp(c.err, es, rho)
     finally: model.train(was)
 
-# %% ../nbs/03_ranks.ipynb #e810b05c
+# %% ../nbs/03_ranks.ipynb #4b5048ae
 def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None)->list:
     "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
     if method not in ('tucker','cp','svd','spatial'): raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd' or 'spatial'")
@@ -271,7 +302,7 @@ def model_macs(model:nn.Module, sample)->int:
 
 def n_params(model:nn.Module)->int: return sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/03_ranks.ipynb #79425e7a
+# %% ../nbs/03_ranks.ipynb #a3d6f450
 class Budget:
     "Ranks for all decomposable layers that keep `params` (or `macs`) of the whole model with the least (weighted) error"
     def __init__(self, params:float|None=None, # fraction of the whole model's parameters to keep
@@ -293,8 +324,8 @@ class Budget:
 
     def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to>1 else '') + ')'
 
-# %% ../nbs/03_ranks.ipynb #8002723b
-def totals(model:nn.Module, cands:list, curves:list[Curve], by:str, sample=None)->tuple[float,float]:
+# %% ../nbs/03_ranks.ipynb #d1e5cf37
+def model_totals(model:nn.Module, cands:list, curves:list[Curve], by:str, sample=None)->tuple[float,float]:
     "(cost of the whole model, cost of what the `curves` do not cover) in `by`: parameters, or MACs per sample"
     if by=='params':
         total = n_params(model)
@@ -308,13 +339,13 @@ def _weigh(curves, weights):
         for k,w in (weights or {}).items():
             if c.name==k or c.name.startswith(k+'.'): c.weight *= w
 
-# %% ../nbs/03_ranks.ipynb #53312fbe
+# %% ../nbs/03_ranks.ipynb #58180223
 @patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None)->dict:
     "{layer name: rank} for the `candidates` [(name, layer, method, shapes)] of `model` that meets the budget"
     sample = sample if sample is not None else self.sample
     curves = layer_curves(candidates, self.round_to, self.res)
-    total,fixed = totals(model, candidates, curves, self.by, sample)
+    total,fixed = model_totals(model, candidates, curves, self.by, sample)
     if self.sensitivity is not None: layer_sensitivity(model, curves, self.sensitivity)
     _weigh(curves, self.weights)
     least = (fixed + sum(c.cost(self.by).min() for c in curves))/total
@@ -322,7 +353,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None)->dict:
                                            f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
     pick = allocate(curves, self.keep*total - fixed, self.by, self.alloc)
     after = fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick))
-    self.achieved, self.curves = after/total, curves
+    self.achieved = after/total
     rows = {n: dict(layer=n, method=m, rank=None, cost=None, cost_after=None, error=None, weight=None, note='no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if self.round_to > 1 else '')) for n,_,m,_ in candidates}
     for c,j in zip(curves, pick):
         cost = c.cost(self.by)
@@ -337,7 +368,7 @@ def plan(self:Budget, model:nn.Module, method:str='tucker', sample=None, layers=
     sample = sample if sample is not None else self.sample
     return self.ranks(model, candidates(model, method, sample, layers, exclude), sample)
 
-# %% ../nbs/03_ranks.ipynb #21b22d43
+# %% ../nbs/03_ranks.ipynb #257d8060
 def _block(name:str, depth:int)->str: return '.'.join(name.split('.')[:depth])
 
 def search_ranks(model:nn.Module,
@@ -360,7 +391,7 @@ def search_ranks(model:nn.Module,
     if by=='macs' and sample is None: raise ValueError("a search against MACs needs sample= (a batch or its shape); or pass by='params'")
     cands = candidates(model, method, sample)
     curves = layer_curves(cands, round_to, res)
-    total,fixed = totals(model, cands, curves, by, sample)
+    total,fixed = model_totals(model, cands, curves, by, sample)
     if sensitivity is not None: layer_sensitivity(model, curves, sensitivity)
     base = [c.weight for c in curves]
     blocks = list(dict.fromkeys(_block(c.name, depth) for c in curves))
@@ -391,7 +422,7 @@ def search_ranks(model:nn.Module,
     rows = [dict(trial=t.number, accuracy=t.values[0], **t.user_attrs, **t.params, plan=plans[t.number]) for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(by, ignore_index=True)
 
-# %% ../nbs/03_ranks.ipynb #287e2cae
+# %% ../nbs/03_ranks.ipynb #d66304e6
 def cpu_latency(model:nn.Module, sample, min_run_time:float=0.2)->float:
     "Median latency in ms of `model` on `sample` (a batch, or its shape) on one CPU thread, by `torch.utils.benchmark`"
     from torch.utils.benchmark import Timer

@@ -78,7 +78,7 @@ def test_new_layers_train(dls, method, opt):
     learn = learner(dls, opt_func=OPTS[opt])
     fit(learn, 2, 1e-3, cbs=[cb := DecomposeCallback(1, method, keep=0.5, verbose=False), probe := Probe()])
     check_swaps(probe, case=f"{method}, {opt}")
-    assert cb.summary.decomposed[0] >= 3, f"{method}, {opt}: only {cb.summary.decomposed[0]} layers decomposed"
+    assert cb.totals.decomposed[0] >= 3, f"{method}, {opt}: only {cb.totals.decomposed[0]} layers decomposed"
     assert not dense_layers(learn.model)[nn.Conv2d][1:], f"{method}, {opt}: convolutions left dense: {dense_layers(learn.model)}"
 
 @pytest.mark.parametrize('splitter', ['trainable_params', 'body_head'])
@@ -89,6 +89,38 @@ def test_groups_and_exact_parameters(dls, splitter):
     s = probe.swaps[0]
     assert s['opt'] == s['trainable'] == s['model'], f"{splitter}: optimizer and model parameters differ"
     assert len(learn.opt.param_lists) == (1 if splitter=='trainable_params' else 2)
+
+# ---- the extension points: rank rules, whole-model budgets, data-aware factors
+
+class Fixed:
+    "A rank rule: `.ranks(model, candidates)`"
+    def ranks(self, model, cands, sample=None): return {n: (2, 2) if meth=='tucker' else 2 for n,_,meth,_ in cands}
+
+class Planner:
+    "A whole-model budget: `.plan(model, method, ...)`, called once at the swap"
+    def plan(self, model, method, sample=None, layers=None, exclude=None):
+        self.seen = (method, sample.shape, layers, exclude)
+        return {'body.2.0': (4, 4), 'head.2': 3}
+
+class Calib:
+    "Data-aware factors: `.prepare(model, names)`, `.build(name, layer, method, rank)` (None: the weight-only block)"
+    def __init__(self): self.built = []
+    def prepare(self, model, names): self.names = names
+    def build(self, name, layer, method, rank): self.built.append(name)
+
+@pytest.mark.parametrize('case', ['dict', 'ranks', 'plan', 'calib'])
+def test_extension_points(dls, case):
+    opts = dict(dict=dict(rank={'body.1.0': (3, 3)}), ranks=dict(rank=Fixed()), plan=dict(rank=(planner := Planner())),
+                calib=dict(keep=0.5, calib=(calib := Calib())))[case]
+    learn = learner(dls)
+    fit(learn, 2, 1e-3, cbs=[cb := DecomposeCallback(1, exclude=['body.3'], verbose=False, **opts), probe := Probe()])
+    check_swaps(probe, case=case)
+    done = cb.report.dropna(subset=['method']).set_index('layer')['rank'].to_dict()
+    want = dict(dict={'body.1.0': (3, 3)}, ranks={'head.2': 2, 'body.1.0': (2, 2), 'body.2.0': (2, 2)},
+                plan={'body.2.0': (4, 4), 'head.2': 3}, calib=None)[case]
+    if want is not None: assert done == want, f"{case}: decomposed {done}, expected {want}"
+    if case=='plan': assert planner.seen == ('tucker', (128, 1, 8, 8), None, ['body.3']), f"plan called with {planner.seen}"
+    if case=='calib': assert calib.built == list(done) == ['head.2', 'body.1.0', 'body.2.0'], f"calib built {calib.built}, decomposed {list(done)}"
 
 # ---- what carries over
 
@@ -175,14 +207,14 @@ def test_reusable_across_fits(dls):
     n_b = sum(p.numel() for p in b.model.parameters())
     fit(b, 2, 1e-3, cbs=[cb, pb := Probe()])
     check_swaps(pa, case='first learner'); check_swaps(pb, case='second learner')
-    assert cb.summary.params[0] == n_b, "the summary should be the second learner's"
+    assert cb.totals.params[0] == n_b, "the totals should be the second learner's"
     model = a.model
     pa = Probe()
     warns(lambda: fit(a, 2, 1e-3, cbs=[cb, pa]), 'no layer left to decompose')
     assert a.model is model and not pa.swaps, "a second fit on a decomposed model should train it as it is"
 
-def test_idle_in_lr_find_validate_get_preds(dls):
-    learn = learner(dls, cbs=DecomposeCallback(0, verbose=False))
+def test_idle_in_lr_find_validate_get_preds(dls, tmp_path):
+    learn = learner(dls, cbs=DecomposeCallback(0, verbose=False), path=tmp_path)  # lr_find saves a model there
     model = learn.model
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
@@ -195,9 +227,9 @@ def test_stages_and_fractions(dls):
     cb = DecomposeCallback([0.25, 2], layers=[['head'], None], keep=0.5, verbose=False)
     fit(learn, 4, 1e-3, how='fit_one_cycle', cbs=[cb, probe := Probe()])
     check_swaps(probe, n=2, case='two stages')
-    assert list(cb.summary.iteration) == [math.ceil(0.25*4*7), 2*7]
+    assert list(cb.totals.iteration) == [math.ceil(0.25*4*7), 2*7]
     assert cb.report.groupby('stage').layer.apply(list).to_dict() == {0: ['head.2'], 1: ['body.0.0', 'body.1.0', 'body.2.0', 'body.3.0']}
-    assert cb.summary.params_after[1] < cb.summary.params_after[0] < cb.summary.params[0]
+    assert cb.totals.params_after[1] < cb.totals.params_after[0] < cb.totals.params[0]
 
 # ---- precision, memory format, export
 
@@ -282,3 +314,19 @@ def test_past_the_end_warns(dls):
     model = learn.model
     warns(lambda: fit(learn, 2, 1e-3, cbs=DecomposeCallback(2)), 'at or past the end of this fit')
     assert learn.model is model
+
+# ---- a real fastai vision learner
+
+def test_vision_learner_fine_tune():
+    "fastai's vision_learner (ResNet-18, three parameter groups, frozen body) through fine_tune, on random 16×16 images"
+    from fastai.vision.all import vision_learner, resnet18
+    from fastai.data.core import DataLoaders, TfmdLists
+    set_seed(0)
+    items = list(zip(torch.randn(40, 3, 16, 16), torch.randint(0, 4, (40,))))
+    dls = DataLoaders.from_dsets(TfmdLists(items[:32], None), TfmdLists(items[32:], None), bs=16, device='cpu', num_workers=0)
+    learn = vision_learner(dls, resnet18, pretrained=False, n_out=4, loss_func=nn.functional.cross_entropy)
+    probe = Probe()
+    warns(lambda: fit(learn, 2, how='fine_tune', freeze_epochs=1, cbs=[DecomposeCallback(1, 'svd', keep=0.5, verbose=False), probe]), 'frozen fit')
+    check_swaps(probe, case='vision_learner')
+    assert probe.groups0 == 3 and learn.opt.frozen_idx == 0
+    assert sum(isinstance(m, Factorized) for m in learn.model.modules()) == 22, "every conv and linear of ResNet-18 and fastai's head"
