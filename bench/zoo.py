@@ -28,7 +28,13 @@ def size(name:str)->int:
     "Parameters of architecture `name`, from its weights' metadata (nothing downloaded or allocated)"
     return next(iter(torchvision.models.get_model_weights(name))).meta['num_params']
 
-def build(name:str)->nn.Module: return torchvision.models.get_model(name, weights=None).eval()
+def build(name:str)->nn.Module:
+    "Architecture `name`, untrained, in eval mode; weights left at zero by its init (ViT's head) drawn at random, or every output is 0 and comparisons are blind"
+    model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any(): p.normal_(0, 0.02)
+    return model
 
 def input_for(model:nn.Module)->torch.Tensor:
     "The smallest of `SIZES` that `model` runs on"

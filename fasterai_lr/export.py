@@ -95,16 +95,14 @@ def load_decomposed(model, # an undecomposed instance of the architecture, or a 
     new.load_state_dict(d['state_dict'], strict=strict, assign=any(p.is_meta for p in new.parameters()))
     return new
 
-# %% ../nbs/07_export.ipynb #63942747
+# %% ../nbs/07_export.ipynb #94397e1e
 def to_onnx(model:nn.Module, sample:Tensor, path, dynamo:bool|None=None, **kwargs)->Path:
     "Export `model` in eval mode on `sample` to ONNX at `path`; torch.export-based if `dynamo` (default: where onnxscript is installed)"
     if dynamo is None: dynamo = importlib.util.find_spec('onnxscript') is not None
     if dynamo: kwargs.setdefault('verbose', False)
     was = model.training
-    try:
-        model.eval()
-        with torch.no_grad(): torch.onnx.export(model, (sample,), str(path), dynamo=dynamo, **kwargs)
-    finally: model.train(was)
+    try: torch.onnx.export(model.eval(), (sample,), str(path), dynamo=dynamo, **kwargs)  # not under no_grad: it would send
+    finally: model.train(was)                                                              # MultiheadAttention to its fused op, which ONNX lacks
     return Path(path)
 
 def _flat(y): return [y] if isinstance(y, Tensor) else [t for o in (y.values() if isinstance(y, dict) else y) for t in _flat(o)]
