@@ -132,7 +132,7 @@ def n_rows(x:Tensor, conv:nn.Conv2d|None=None)->int:
     (l,r,t,b),k,s,d = _pads(conv), conv.kernel_size, conv.stride, conv.dilation
     return x.shape[0]*((x.shape[2]+t+b-d[0]*(k[0]-1)-1)//s[0]+1)*((x.shape[3]+l+r-d[1]*(k[1]-1)-1)//s[1]+1)
 
-# %% ../nbs/04_calibrate.ipynb #d41e8da8
+# %% ../nbs/04_calibrate.ipynb #59fc7c85
 def calib_batches(data, n_batches:int)->list:
     "Up to `n_batches` input batches from a DataLoader, DataLoaders (its `train`), an iterable of batches or one tensor"
     if isinstance(data, Tensor): data = [data]
@@ -141,6 +141,8 @@ def calib_batches(data, n_batches:int)->list:
     xs = [b[0] if isinstance(b, (tuple,list)) else b for b in itertools.islice(data, n_batches)]
     if not xs: raise ValueError("the calibration data gave no batch; pass a DataLoader or a list with at least one input batch")
     if not all(isinstance(x, Tensor) for x in xs): raise TypeError(f"calibration batches must be tensors (or tuples starting with one), got {type(xs[0]).__name__}")
+    for i,x in enumerate(xs):
+        if x.is_floating_point() and not torch.isfinite(x).all(): raise ValueError(f"calibration batch {i} has non-finite values (NaN or Inf); pass finite inputs")
     return xs
 
 # %% ../nbs/04_calibrate.ipynb #28a1e712
@@ -192,7 +194,7 @@ class Stats:
                 setattr(self, attr, self._add(getattr(self, attr), r, r, w))
             self.rows += len(idx)
 
-# %% ../nbs/04_calibrate.ipynb #3e950f5c
+# %% ../nbs/04_calibrate.ipynb #b3171952
 def _model_device_dtype(model):
     p = next(model.parameters(), None)
     return (p.device, p.dtype) if p is not None else ('cpu', None)
@@ -219,13 +221,15 @@ class Calibration:
         self.stats = {}
         return self
 
-    def _forward(self, model, x):
+    def _forward(self, model, x, i:int=0):
         dev,dt = _model_device_dtype(model)
         x = x.to(dev, dt) if dt is not None and x.is_floating_point() else x.to(dev)
         was = model.training
         try:
             model.eval()
             with torch.no_grad(): model(x)
+        except Exception as e: raise ValueError(f"calibration batch {i} of shape {tuple(x.shape)} does not run through the model ({type(e).__name__}: {e}); "
+                                                "pass batches of the inputs the model takes, as it sees them in training") from e
         finally: model.train(was)
 
     def collect(self, method:str, names:list|None=None):
@@ -235,7 +239,7 @@ class Calibration:
         st = {n: Stats(self.ref_mods[n], k, self.max_rows) for n,k in todo.items()}
         hooks = [self.ref_mods[n].register_forward_hook(lambda m,i,o,s=s: s.update(i[0], o)) for n,s in st.items()]
         try:
-            for x in self.xs: self._forward(self.ref, x)
+            for i,x in enumerate(self.xs): self._forward(self.ref, x, i)
         finally:
             for h in hooks: h.remove()
         self.stats.update({(n,s.kind): s for n,s in st.items()})
@@ -247,8 +251,8 @@ class Calibration:
         hooks = [self.ref_mods[name].register_forward_hook(lambda m,i,o: got.update(xr=i[0], yr=o)),
                  self.mods[name].register_forward_hook(lambda m,i,o: got.update(x=i[0], y=o))]
         try:
-            for x in self.xs:
-                self._forward(self.ref, x); self._forward(self.model, x)
+            for i,x in enumerate(self.xs):
+                self._forward(self.ref, x, i); self._forward(self.model, x, i)
                 if 'x' in got and 'xr' in got: s.update(got['x'], got['y'], got['xr'], got['yr'])
                 got.clear()
         finally:

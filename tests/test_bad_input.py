@@ -98,7 +98,10 @@ CASES = [
     ('sample-wrong-channels', net, lambda m, t: decompose_model(m, sample=(5, 8, 8), quiet=True), ValueError, 'does not run through the model'),
     ('sample-a-string', net, lambda m, t: decompose_model(m, sample='224', quiet=True), (TypeError, ValueError), "sample='224'"),
     ('layers-and-exclude-overlap', net, lambda m, t: Conv_Decomposer().decompose(m, layers=['features'], exclude=['features'], quiet=True), ValueError, 'in both layers= and exclude='),
-    ('layers-a-string', net, lambda m, t: Conv_Decomposer().decompose(m, layers='features.0', rank=2, quiet=True), (TypeError, ValueError), 'layers='),
+    ('layers-a-bad-name', net, lambda m, t: Conv_Decomposer().decompose(m, layers='features.7', rank=2, quiet=True), ValueError, "no layer named 'features.7'"),
+    ('rank-dict-a-Sequential', net, lambda m, t: Conv_Decomposer().decompose(m, rank={'features': 2}, quiet=True), ValueError, "rank= names 'features', which is not a layer"),
+    ('model-in-DataParallel', lambda: nn.DataParallel(net()), lambda m, t: decompose_model(m, quiet=True), ValueError, 'wrapped in DataParallel; decompose model.module'),
+    ('model-is-a-bare-Conv2d', lambda: nn.Conv2d(8, 8, 3), lambda m, t: Conv_Decomposer().decompose(m, 'cp', rank=4, quiet=True), ValueError, 'Conv_Decomposer().CP(layer'),
     ('rank-dict-unknown-layer', net, lambda m, t: Conv_Decomposer().decompose(m, rank={'features.9': 2}, quiet=True), ValueError, "'features.9'"),
     ('rank-dict-zero', net, lambda m, t: Conv_Decomposer().decompose(m, 'svd', rank={'features.2': 0}, quiet=True), ValueError, 'is not a rank'),
     ('rank-dict-float', net, lambda m, t: Conv_Decomposer().decompose(m, 'svd', rank={'features.2': 2.5}, quiet=True), ValueError, 'is not a rank'),
@@ -117,31 +120,8 @@ CASES = [
     ('callback-stages-without-layers', lambda: None, lambda m, t: callback(start_epoch=[1, 2]), ValueError, 'pass layers= as one list of layer names'),
 ]
 
-# Where each missing check belongs (lead-owned decompose.py, or calibrate.py), and the message proposed for it
-XFAIL = {
-    'model-not-a-module': "decompose.py decompose_model: raises AttributeError ('str' object has no attribute 'named_modules'); propose TypeError 'decompose_model takes an nn.Module, got str'",
-    'model-is-a-bare-Linear': "decompose.py: a model that is itself a Linear/Conv2d fails in set_submodule('') ('Cannot set the submodule without a target name!'); "
-                              "propose ValueError 'the model is itself a Linear: decompose one layer with FC_Decomposer().SVD(layer, ...)' (or return the block)",
-    'sample-wrong-channels': "decompose.py layer_shapes: the raw conv error; propose ValueError 'sample= of shape (1, 5, 8, 8) does not run through the model (<torch's error>); "
-                             "pass an input batch the model takes, or the shape of one input, e.g. sample=(3, 224, 224)'",
-    'sample-a-string': "decompose.py layer_shapes: torch.zeros' TypeError; propose TypeError \"sample='224' is not an input batch or the shape of one; pass a tensor or a tuple of ints\"",
-    'layers-and-exclude-overlap': "decompose.py _select: says only 'no nn.Conv2d layer to decompose ... among layers=[...]'; propose "
-                                  "ValueError \"'features' is in both layers= and exclude=; a layer is either decomposed or left as it is\"",
-    'layers-a-string': "decompose.py _select: TypeError 'can only concatenate str (not \"list\") to str'; propose accepting a str as [str] (as DecomposeCallback does) "
-                       "or TypeError \"layers='features.0' must be a list of layer names\"",
-    'rank-dict-unknown-layer': "decompose.py decompose_layers: names in a rank dict that are not candidates are ignored, nothing is decomposed and no error is raised; "
-                               "propose ValueError \"rank= names 'features.9', which is not a layer to decompose; pass names as in model.named_modules()\"",
-    'rank-dict-zero': "decompose.py decompose_layers: a rank dict's values skip rank_option: rank 0 builds an empty (0-channel) block silently; "
-                      "propose checking each value with rank_option(rank=v, name=n) → \"features.2: rank=0 is not a rank; ...\"",
-    'rank-dict-float': "decompose.py decompose_layers: same as rank-dict-zero; here layer_rank says 'rank=2.5: a pair of ranks is for Tucker only' (for Tucker: TypeError \"'float' object is not iterable\")",
-    'rank-dict-and-keep': "decompose.py decompose_layers: keep= is silently ignored next to a per-layer rank dict; propose ValueError 'got rank= (per layer) and keep= at once; pass only one of ...'",
-    'calib-without-prepare': "decompose.py decompose_layers: AttributeError (no attribute 'prepare'); propose TypeError "
-                             "'calib= takes an object with .prepare(model, names) and .build(name, layer, method, rank), e.g. Calibration(data)'",
-    'calib-wrong-channels': "calibrate.py Calibration._forward: the raw conv RuntimeError; propose ValueError 'calibration batch 0 of shape (2, 5, 8, 8) does not run through the model (<torch's error>)'",
-    'calib-wrong-ndim': "calibrate.py: IndexError 'tuple index out of range' from a hook; propose the same ValueError as calib-wrong-channels",
-    'calib-nan-data': "calibrate.py: torch's _LinAlgError from eigh on a NaN Gram matrix; propose the existing gram_sqrt message "
-                      "'the model produced non-finite activations on the calibration data' checked before any factorization",
-}
+# Cases whose check is not there yet: {id: where it belongs and the message proposed}. Empty: every case has its error.
+XFAIL = {}
 assert XFAIL.keys() <= {c[0] for c in CASES}
 PARAMS = [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.xfail(strict=True, reason=XFAIL[c[0]])] if c[0] in XFAIL else []) for c in CASES]
 
@@ -161,6 +141,15 @@ def test_untouched_check_can_fail():
     for change in (lambda m: m.head.weight.data.add_(1), lambda m: m.features.__setitem__(1, nn.GELU()), lambda m: m.head.requires_grad_(False)):
         m = net(); before = snapshot(m); change(m)
         with pytest.raises(AssertionError): assert_untouched(before, m, 'changed')
+
+# ---- one layer name may be given as a str
+
+@pytest.mark.parametrize('call,want', [(lambda m: Conv_Decomposer().decompose(m, layers='features.0', rank=2, quiet=True), ['features.0']),
+                                       (lambda m: decompose_model(m, layers='features.0', rank=2, quiet=True)[0], ['features.0']),
+                                       (lambda m: Conv_Decomposer().decompose(m, exclude='features.0', rank=2, quiet=True), ['features.2'])])
+def test_layers_as_one_name(call, want):
+    done = [n for n,m in call(net()).named_modules() if isinstance(m, Factorized)]
+    assert done==want, f"decomposed {done}, expected {want}"
 
 # ---- start_epoch beyond the run: a warning (the fit itself is fine), and nothing decomposed
 
@@ -199,10 +188,8 @@ def test_second_decompose_takes_the_rest():
 
 # ---- a DDP-wrapped model (as fastai's DistributedTrainer leaves learn.model)
 
-@pytest.mark.xfail(strict=True, reason="decompose.py: a DistributedDataParallel model is deep-copied and decomposed inside the copy, whose reducer still tracks "
-                   "the replaced parameters (training then fails or silently skips the gradient sync); propose ValueError "
-                   "'the model is wrapped in DistributedDataParallel; decompose model.module and wrap the result in a new DistributedDataParallel'")
 def test_ddp_wrapped_model():
+    "Decomposing inside a DDP wrapper would leave its reducer tracking the replaced parameters: an error says to decompose model.module"
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=0, world_size=1)
