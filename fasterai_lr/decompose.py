@@ -110,7 +110,7 @@ def _select(model, kind, layers, exclude)->list:
     return [(k,m) for k,m in mods.items() if isinstance(m, kind) and (layers is None or inside(k, layers)) and not inside(k, exclude)
             and not any(k.startswith(d+'.') for d in done)]
 
-# %% ../nbs/02_decompose.ipynb #dee913f1
+# %% ../nbs/02_decompose.ipynb #db4b84eb
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
@@ -130,6 +130,8 @@ def _check_model_rank(v, cands):
     fulls = {n: full_ranks(kernel(m).shape)[meth] for n,m,meth,_ in cands}
     if fulls and v!='full' and all(_at_most_full(v, m, meth, n)==fulls[n] for n,m,meth,_ in cands):
         raise ValueError(f"rank={v} is above the full rank of every layer ({', '.join(f'{n}: {f}' for n,f in fulls.items())}); pass a smaller rank, or keep=")
+
+def _empty_report(): return pd.DataFrame(columns=['layer','source','method','rank','params','params_after','macs','macs_after','note'])
 
 def _plan_rank(v): return v[1] if isinstance(v, tuple) and isinstance(v[0], str) else v
 
@@ -180,7 +182,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
     if not todo:
         if any(isinstance(m, Factorized) for m in new.modules()):
             warnings.warn("every layer of this kind is already decomposed; the model is returned as it was (decompose the original to change ranks)")
-            return new, pd.DataFrame(columns=['layer','source','method','rank','params','params_after','macs','macs_after','note'])
+            return new, _empty_report()
         raise ValueError(f"no nn.{kind.__name__} layer to decompose in this model" + (" among layers=" + repr(layers) if layers else ''))
     for n,m in todo: check_layer(m, kind, n)
     shapes = layer_shapes(new, sample, [n for n,_ in todo]) if sample is not None else {}
@@ -230,7 +232,7 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
                                        rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     return new
 
-# %% ../nbs/02_decompose.ipynb #ef98bb3c
+# %% ../nbs/02_decompose.ipynb #50fa252c
 def report_totals(report:pd.DataFrame)->dict:
     "Total parameters and multiply-adds of the reported layers before and after, and how many were decomposed"
     t = {c: int(report[c].sum()) for c in ('params','params_after') }
@@ -242,14 +244,21 @@ def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:boo
     _check_model(model, 'decompose_model')
     if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
         opts['rank'] = opts['rank'].plan(model, method, sample)
-    reports,mods,layers = [],dict(model.named_modules()),layer_names(opts.pop('layers', None))
-    for n in layers or []:
+    mods,reports = dict(model.named_modules()),[]
+    layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')
+    for n in (layers or []) + (exclude or []):
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
+    inside = lambda k,names: any(k==n or k.startswith(n+'.') for n in names or [])
+    done = [k for k,m in mods.items() if isinstance(m, Factorized)]
     for d,meth in ((FC_Decomposer(),'svd'), (Conv_Decomposer(),method)):
         has = lambda m: isinstance(m, d.kind) or type(m).__name__==d.kind.__name__   # quantized ones too, to say so
-        mine = None if layers is None else [n for n in layers if any(has(m) for k,m in mods.items() if k==n or k.startswith(n+'.'))]
-        if any(has(m) for m in model.modules()) and mine!=[]:
-            model = d.decompose(model, meth, sample=sample, quiet=quiet, layers=mine, **opts)
+        mine = lambda names: None if names is None else [n for n in names if any(has(m) for k,m in mods.items() if inside(k, [n]))]   # the names holding this kind
+        left = [k for k,m in mods.items() if has(m) and (layers is None or inside(k, mine(layers))) and not inside(k, exclude) and not inside(k, done)]
+        if left:
+            model = d.decompose(model, meth, sample=sample, quiet=quiet, layers=mine(layers), exclude=mine(exclude), **opts)
             reports.append(d.report)
-    if not reports: raise ValueError("no nn.Linear or nn.Conv2d layer to decompose in this model")
-    return model, pd.concat(reports, ignore_index=True)
+    if reports: return model, pd.concat(reports, ignore_index=True)
+    among = (f" among layers={layers!r}" if layers else '') + (f" outside exclude={exclude!r}" if exclude else '')
+    if not done: raise ValueError(f"no nn.Linear or nn.Conv2d layer to decompose in this model{among}")
+    warnings.warn(f"every layer{among} is already decomposed; the model is returned as it was (decompose the original to change ranks)")
+    return copy.deepcopy(model), _empty_report()

@@ -10,38 +10,64 @@ import math, torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'tucker2', 'tucker2_to_tensor', 'cp_full_rank',
-           'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'linear_rank',
-           'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs', 'linear_costs', 'keep_rank']
+__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'tucker2', 'tucker2_to_tensor',
+           'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks',
+           'linear_rank', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs', 'linear_costs',
+           'keep_rank']
 
-# %% ../nbs/00_factorize.ipynb #a4dbb0c7
+# %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
+
+def all_finite(t:Tensor)->bool:
+    "No NaN or Inf in `t`: its min and max, which NaN and ±Inf reach, are finite (one pass, no boolean copy)"
+    return t.numel()==0 or bool(torch.stack(t.aminmax()).isfinite().all())
 
 def work_dtype(W:Tensor)->torch.dtype:
     "float64 when factorizing `W` (…×m×n) in it is cheap, or `W` is float64; else float32"
     m,n = sorted(W.shape[-2:])
     return torch.float64 if W.dtype==torch.float64 or W[...,0,0].numel()*m*m*n < _F64_BUDGET else torch.float32
 
-# %% ../nbs/00_factorize.ipynb #afb4357a
+# %% ../nbs/00_factorize.ipynb #a29e6887
 _BIG = 2e10  # multiply-adds (m²·n) above which the Gram is formed in bfloat16 (where the CPU has it) and its subspace iterated
 
-def gram(W:Tensor)->Tensor:
-    "W Wᵀ (…×m×m): in bfloat16 with float32 accumulation for big matrices on CPUs that multiply bf16 natively"
-    big = W.shape[-2]**2*W.shape[-1] > _BIG and W.dtype==torch.float32
-    if big and (W.is_cuda or torch.cpu._is_avx512_bf16_supported()):
-        Wb = W.bfloat16(); return (Wb @ Wb.mT).float()
-    return W @ W.mT
+def _low(W:Tensor)->Tensor:
+    "W in bfloat16 (products accumulate in float32) if it is float32 and the hardware multiplies bfloat16 natively, else W"
+    return W.bfloat16() if W.dtype==torch.float32 and (W.is_cuda or torch.cpu._is_avx512_bf16_supported()) else W
 
-def leading_subspace(W:Tensor, rank:int, n_iter:int=2)->Tensor:
-    "Orthonormal m×`rank` basis of the dominant column space of W (…×m×n): top eigenvectors of W Wᵀ"
-    G,m = gram(W), W.shape[-2]
+def _big(W:Tensor)->bool: return W.shape[-2]**2*W.shape[-1] > _BIG
+
+def gram(W:Tensor, blocks:int=4)->Tensor:
+    "W Wᵀ (…×m×m): in bfloat16 with float32 accumulation for big matrices on CPUs that multiply bf16 natively"
+    if not _big(W): return W @ W.mT
+    Wl,m = _low(W),W.shape[-2]
+    G,b = W.new_empty(*W.shape[:-1], m),-(-m//blocks)
+    for i in range(0, m, b):   # the blocks on and above the diagonal only: 5/8 of the multiply-adds of W Wᵀ
+        G[...,i:i+b,i:] = (Wl[...,i:i+b,:] @ Wl[...,i:,:].mT).to(W.dtype)
+        G[...,i+b:,i:i+b] = G[...,i:i+b,i+b:].mT
+    return G
+
+def _iterated(W:Tensor, rank:int)->int:
+    "The width of the subspace iterated for a big W at a low rank, or 0 where a full eigendecomposition of the Gram is used"
+    m = W.shape[-2]
     q = min(m, rank + max(16, rank//16))
-    if m*m*W.shape[-1] <= _BIG or 2*q > m: return torch.linalg.eigh(G)[1].flip(-1)[...,:rank]
-    # big and low rank: subspace iteration on the Gram (its spectrum is σ², so it converges fast), then Rayleigh–Ritz
-    omega = torch.randn(m, q, generator=torch.Generator().manual_seed(0)).to(G)
-    Q = torch.linalg.qr(G @ omega)[0]
-    for _ in range(n_iter): Q = torch.linalg.qr(G @ Q)[0]
-    return Q @ torch.linalg.eigh(Q.mT @ G @ Q)[1].flip(-1)[...,:rank]
+    return q if _big(W) and 2*q <= m else 0
+
+def _lu_basis(Y:Tensor)->Tensor:
+    "A well-conditioned basis of Y's columns, cheaper than QR: P·L of its LU (enough between subspace-iteration sweeps)"
+    P,L,_ = torch.linalg.lu(Y)
+    return torch.take_along_dim(L, P.argmax(-1, keepdim=True), dim=-2)   # P @ L, as a row gather
+
+def leading_subspace(W:Tensor, rank:int, n_iter:int=2, G:Tensor|None=None)->Tensor:
+    "Orthonormal m×`rank` basis of the dominant column space of W (…×m×n): top eigenvectors of W Wᵀ (or of `G`, if given)"
+    G,m,q = gram(W) if G is None else G, W.shape[-2], _iterated(W, rank)
+    if not q: return torch.linalg.eigh(G)[1].flip(-1)[...,:rank]
+    # big and low rank: subspace iteration on the Gram (its spectrum is σ², so it converges fast), its products in bfloat16
+    # where that is native, LU between sweeps; then Rayleigh–Ritz on an orthonormal basis
+    Gl = _low(G)
+    Y = (Gl @ torch.randn(m, q, generator=torch.Generator().manual_seed(0)).to(Gl)).to(G.dtype)
+    for _ in range(n_iter): Y = (Gl @ _lu_basis(Y).to(Gl.dtype)).to(G.dtype)
+    Ql = torch.linalg.qr(Y)[0].to(Gl.dtype)
+    return (Ql @ torch.linalg.eigh((Ql.mT @ Gl @ Ql).to(G.dtype))[1].flip(-1)[...,:rank].to(Gl.dtype)).to(G.dtype)
 
 def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
     "A (…×m×r), B (…×r×n), A@B the best rank-`rank` approximation of W (Eckart–Young; within ~2% for m²n > 2e10), singular values split evenly"
@@ -49,12 +75,14 @@ def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
         B,A = svd_factors(W.mT, rank)
         return A.mT, B.mT
     X = W.to(work_dtype(W))
-    U = leading_subspace(X, rank)
-    B = U.mT @ X                                         # rows: σᵢ vᵢᵀ
+    Xl = _low(X) if _big(X) else X                       # a big W's Gram (and, at low rank, projection) in bfloat16 where native
+    U = leading_subspace(X, rank, G=gram(Xl).to(X.dtype))
+    Xp = Xl if _iterated(X, rank) else X                 # low rank of a big W: its truncation error dwarfs bfloat16's 2⁻⁹
+    B = (U.to(Xp.dtype).mT @ Xp).to(X.dtype)             # rows: σᵢ vᵢᵀ
     s = B.norm(dim=-1, keepdim=True).sqrt().clamp_min(torch.finfo(X.dtype).tiny**0.25)
     return U*s.mT, B/s
 
-# %% ../nbs/00_factorize.ipynb #3be97081
+# %% ../nbs/00_factorize.ipynb #cb14be5c
 def unfold(K:Tensor, mode:int)->Tensor:
     "Mode-`mode` unfolding of the trailing 4 dims of K (…×O×I×kh×kw) counted from the first of them"
     d = K.ndim-4+mode
@@ -62,8 +90,13 @@ def unfold(K:Tensor, mode:int)->Tensor:
 
 def tucker2(K:Tensor, ranks:tuple[int,int], n_iter:int=4, tol:float=1e-3)->tuple[Tensor,Tensor,Tensor]:
     "core (…×r_o×r_i×kh×kw), U_out (…×O×r_o), U_in (…×I×r_i): Tucker-2 of K's channel modes by HOSVD, then HOOI sweeps until the error settles"
-    X = K.to(work_dtype(K))
-    (ro,ri),norm2,prev = ranks, X.square().sum(), None
+    X,(ro,ri),(O,I) = K.to(work_dtype(K)),ranks,K.shape[-4:-2]
+    eye = lambda n: torch.eye(n, dtype=X.dtype, device=X.device).expand(*X.shape[:-4], n, n)
+    if ro>=O and ri>=I: return X, eye(O), eye(I)
+    if ro>=O or ri>=I:   # one mode kept whole: the truncated SVD of the other unfolding is optimal, no sweeps needed
+        if ri>=I: U_out = leading_subspace(unfold(X, 0), ro); return torch.einsum('...oihw,...or->...rihw', X, U_out), U_out, eye(I)
+        U_in = leading_subspace(unfold(X, 1), ri); return torch.einsum('...oihw,...is->...oshw', X, U_in), eye(O), U_in
+    norm2,prev = X.square().sum(),None
     U_in = leading_subspace(unfold(X, 1), ri)
     for _ in range(max(1, n_iter)):   # one sweep at least: it is what turns the HOSVD U_in into U_out and the core
         U_out = leading_subspace(unfold(torch.einsum('...oihw,...ir->...orhw', X, U_in), 0), ro)

@@ -46,7 +46,7 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
 
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 
-# %% ../nbs/01_layers.ipynb #e25f15a4
+# %% ../nbs/01_layers.ipynb #da533ca8
 def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
     "Raise a clear error unless `layer` is a float `kind` layer with finite weights"
     at = name or type(layer).__name__
@@ -58,7 +58,7 @@ def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
     w = layer.weight
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
-    if not torch.isfinite(w).all(): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
+    if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
 
 # %% ../nbs/01_layers.ipynb #15f55bc3
 def kernel(layer:nn.Module)->Tensor:
@@ -87,24 +87,24 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
     if value > full: raise ValueError(f"{at}rank={value} is above the full rank {full} of {method} for this layer; pass a rank in 1..{full}")
     return value
 
-# %% ../nbs/01_layers.ipynb #c82f5528
+# %% ../nbs/01_layers.ipynb #d96615e2
 def factor_conv(conv:nn.Conv2d, cin:int, cout:int, axes=(0,1), groups:int|None=None, bias:bool=False)->nn.Conv2d:
-    "A Conv2d `cin`→`cout` with `conv`'s kernel, stride, padding, dilation and padding mode along `axes` (0: height, 1: width), 1×1 elsewhere"
+    "A Conv2d `cin`→`cout` with `conv`'s kernel, stride, padding, dilation and padding mode along `axes` (0: height, 1: width), 1×1 elsewhere; weights uninitialised"
     pick = lambda v,one: tuple(v[i] if i in axes else one for i in range(2))
     pad = (conv.padding if axes else 0) if isinstance(conv.padding, str) else pick(conv.padding, 0)
-    return nn.Conv2d(cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad, pick(conv.dilation,1), groups=groups or conv.groups,
-                     bias=bias, padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, dtype=conv.weight.dtype)
+    return nn.utils.skip_init(nn.Conv2d, cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad, pick(conv.dilation,1), groups=groups or conv.groups,
+                              bias=bias, padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, dtype=conv.weight.dtype)
 
-# %% ../nbs/01_layers.ipynb #2a94bf87
+# %% ../nbs/01_layers.ipynb #942c73fc
 def _src(layer): return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
 def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
-def shell(layer:nn.Module, method:str, rank)->Factorized:
-    "The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, weights not set"
+def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
+    "The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, random weights (`init`) or none set"
     b = layer.bias is not None
     if isinstance(layer, nn.Linear):
         kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-        fs = [nn.Linear(layer.in_features, rank, bias=False, **kw), nn.Linear(rank, layer.out_features, bias=b, **kw)]
+        fs = [nn.utils.skip_init(nn.Linear, layer.in_features, rank, bias=False, **kw), nn.utils.skip_init(nn.Linear, rank, layer.out_features, bias=b, **kw)]
     else:
         (G,O,I),C_in,C_out = kernel(layer).shape[:3], layer.in_channels, layer.out_channels
         f = lambda cin, cout, axes=(0,1), groups=None, bias=False: factor_conv(layer, cin, cout, axes, groups, bias=bias)
@@ -115,7 +115,9 @@ def shell(layer:nn.Module, method:str, rank)->Factorized:
             fs = [f(C_in, G*ri, ())]*(ri<I) + [f(G*ri, G*ro, bias=b and ro==O)] + [f(G*ro, C_out, (), bias=b)]*(ro<O)
         elif method=='cp':      R = G*rank; fs = [f(C_in, R, ()), f(R, R, (0,), groups=R), f(R, R, (1,), groups=R), f(R, C_out, (), bias=b)]
         else: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, BUILDERS))}")
-    for l in fs: l.requires_grad_(layer.weight.requires_grad)   # factors train if the weights they replace did
+    for l in fs:
+        if init: l.reset_parameters()                          # (made uninitialised: the builders overwrite every weight)
+        l.requires_grad_(layer.weight.requires_grad)           # factors train if the weights they replace did
     return Factorized(*fs, method=method, rank=rank, source=_src(layer))
 
 def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
@@ -125,31 +127,29 @@ def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
         if bias is not None: block[-1].bias.copy_(bias)
     return block
 
-# %% ../nbs/01_layers.ipynb #ed32a5e6
+# %% ../nbs/01_layers.ipynb #cebe4cd8
 def linear_svd(lin:nn.Linear, rank)->Factorized:
     "Two Linears, in→rank (no bias) and rank→out (the original bias), from the truncated SVD of `lin`'s weight"
     A,B = svd_factors(lin.weight.detach(), rank)
-    return fill(shell(lin, 'svd', rank), B, A, bias=_bias(lin))
+    return fill(shell(lin, 'svd', rank, init=False), B, A, bias=_bias(lin))
 
 def conv_svd(conv:nn.Conv2d, rank)->Factorized:
     "k×k conv with `rank` filters (per group) → 1×1 conv: channel SVD (Zhang et al. 2015)"
-    return fill(shell(conv, 'svd', rank), *channel_svd(kernel(conv), rank), bias=_bias(conv))
+    return fill(shell(conv, 'svd', rank, init=False), *channel_svd(kernel(conv), rank), bias=_bias(conv))
 
 def conv_spatial(conv:nn.Conv2d, rank)->Factorized:
     "kh×1 conv with `rank` filters (per group) → 1×kw conv: spatial SVD (Jaderberg et al. 2014)"
-    return fill(shell(conv, 'spatial', rank), *spatial_svd(kernel(conv), rank), bias=_bias(conv))
+    return fill(shell(conv, 'spatial', rank, init=False), *spatial_svd(kernel(conv), rank), bias=_bias(conv))
 
 def conv_tucker(conv:nn.Conv2d, rank)->Factorized:
-    "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is folded into the core"
+    "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is left out"
     (ro,ri),(G,O,I) = rank, kernel(conv).shape[:3]
-    core,U_out,U_in = tucker2(kernel(conv), rank)
-    if ri==I: core = torch.einsum('...rshw,...is->...rihw', core, U_in)
-    if ro==O: core = torch.einsum('...rshw,...or->...oshw', core, U_out)
-    return fill(shell(conv, 'tucker', rank), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
+    core,U_out,U_in = tucker2(kernel(conv), rank)   # a mode kept whole comes back as an identity, the core in its original basis
+    return fill(shell(conv, 'tucker', rank, init=False), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
 
 def conv_cp(conv:nn.Conv2d, rank)->Factorized:
     "1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 convs from the CP decomposition of the kernel (Lebedev et al. 2014)"
     a_out,a_in,a_h,a_w = cp(kernel(conv), rank)
-    return fill(shell(conv, 'cp', a_out.shape[-1]), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
+    return fill(shell(conv, 'cp', a_out.shape[-1], init=False), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
 
 BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_cp)

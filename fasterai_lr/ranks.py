@@ -421,7 +421,7 @@ def search_ranks(model:nn.Module,
     rows = [dict(trial=t.number, accuracy=t.values[0], **t.user_attrs, **t.params, plan=plans[t.number]) for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(by, ignore_index=True)
 
-# %% ../nbs/03_ranks.ipynb #d66304e6
+# %% ../nbs/03_ranks.ipynb #81af85b2
 def cpu_latency(model:nn.Module, sample, min_run_time:float=0.2)->float:
     "Median latency in ms of `model` on `sample` (a batch, or its shape) on one CPU thread, by `torch.utils.benchmark`"
     from torch.utils.benchmark import Timer
@@ -439,7 +439,9 @@ def sweep(model:nn.Module,
           method:str='tucker',
           by:str='params',              # 'params'/'macs': a `Budget`; 'keep': uniform per-layer keep; 'rank': uniform fraction of the rank
           finetune:Callable|None=None,  # model -> None: a short fine-tune, in place
-          latency:bool=True, **budget_kw)->pd.DataFrame:
+          latency:bool=True,
+          layers=None, exclude=None,    # the layers to decompose (all by default) and those to leave, as in `decompose_model`
+          **budget_kw)->pd.DataFrame:
     "Accuracy (before and after `finetune`), size and CPU latency of `model` decomposed at each of `fractions`"
     if by not in ('params','macs','keep','rank'): raise ValueError(f"by={by!r}: pass 'params', 'macs', 'keep' or 'rank'")
     P0,M0 = n_params(model), model_macs(model, sample)
@@ -450,9 +452,9 @@ def sweep(model:nn.Module,
     rows = [row(model, 1., 'original')]
     if finetune is not None: rows[0]['accuracy_ft'] = rows[0]['accuracy']
     for f in fractions:
-        opts = dict(rank=Budget(**{by: f}, **budget_kw).plan(model, method, sample)) if by in ('params','macs') else \
+        opts = dict(rank=Budget(**{by: f}, **budget_kw).plan(model, method, sample, layers=layers, exclude=exclude)) if by in ('params','macs') else \
                dict(keep=f) if by=='keep' else dict(percent_removed=1-f)
-        new,_ = decompose_model(model, method, sample=sample, quiet=True, **opts)
+        new,_ = decompose_model(model, method, sample=sample, quiet=True, layers=layers, exclude=exclude, **opts)
         rows.append(row(new, f, by))
         if finetune is not None: finetune(new); rows[-1]['accuracy_ft'] = float(evaluate(new))
     return pd.DataFrame(rows)
