@@ -112,7 +112,7 @@ def tucker2_to_tensor(core:Tensor, U_out:Tensor, U_in:Tensor)->Tensor:
     "The kernel that a Tucker-2 decomposition stands for"
     return torch.einsum('...rshw,...or,...is->...oihw', core, U_out, U_in)
 
-# %% ../nbs/00_factorize.ipynb #e8f44233
+# %% ../nbs/00_factorize.ipynb #232f5df2
 def cp_full_rank(shape)->int:
     "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape` (O,I,kh,kw)"
     return min(math.prod(shape[:i]+shape[i+1:]) for i in range(4))
@@ -150,14 +150,16 @@ def cp(K:Tensor, rank:int, n_iter:int=12, tol:float=1e-4, ridge:float=1e-6)->lis
     a_o,a_i,a_h,a_w = [init(i) for i in range(4)]
     norm2,prev = X.square().flatten(-4).sum(-1), None
     Xo,Xi = X.flatten(-3), X.movedim(-3,-4).flatten(-3)                    # (…×O×I·hw), (…×I×O·hw)
+    if X.dtype==torch.float32: Xo,Xi = _low(Xo),_low(Xi)                   # the two big products in bfloat16 where native: ALS corrects
+    mm = lambda A,B: (A @ B.to(A.dtype)).to(X.dtype)                       # their 2⁻⁹ each sweep, far below a truncation's error
     gr = lambda f: f.mT@f
     G = [gr(f) for f in (a_o,a_i,a_h,a_w)]                                  # the factors' Grams, updated with them
     for _ in range(n_iter):
         # contract a channel mode first (one GEMM, O·I·hw·R) so that every intermediate is only (channels × hw × R)
         kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)            # hw×R: the small spatial Khatri–Rao
-        P = (Xi.mT @ a_i).unflatten(-2, (O,kh*kw))                           # K ×_i A_i: …×O×hw×R
+        P = mm(Xi.mT, a_i).unflatten(-2, (O,kh*kw))                           # K ×_i A_i: …×O×hw×R
         a_o = _solve(G[1]*G[2]*G[3], (P*kr[...,None,:,:]).sum(-2), ridge); G[0] = gr(a_o)
-        Q = (Xo.mT @ a_o).unflatten(-2, (I,kh*kw))                           # K ×_o A_o: …×I×hw×R
+        Q = mm(Xo.mT, a_o).unflatten(-2, (I,kh*kw))                           # K ×_o A_o: …×I×hw×R
         a_i = _solve(G[0]*G[2]*G[3], (Q*kr[...,None,:,:]).sum(-2), ridge); G[1] = gr(a_i)
         S = (Q*a_i[...,:,None,:]).sum(-3).unflatten(-2, (kh,kw))              # K ×_o A_o ×_i A_i: …×kh×kw×R
         a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = gr(a_h)
