@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 python -m pytest -q -n 2 tests
 nbdev-test --n-workers 2
+# The documentation site, built offline and opened in headless Chromium (the test skips where there is no chromium)
+python -m pytest -q tests/test_docs.py -m slow
