@@ -95,11 +95,17 @@ def load_decomposed(model, # an undecomposed instance of the architecture, or a 
     new.load_state_dict(d['state_dict'], strict=strict, assign=any(p.is_meta for p in new.parameters()))
     return new
 
-# %% ../nbs/07_export.ipynb #94397e1e
-def to_onnx(model:nn.Module, sample:Tensor, path, dynamo:bool|None=None, **kwargs)->Path:
-    "Export `model` in eval mode on `sample` to ONNX at `path`; torch.export-based if `dynamo` (default: where onnxscript is installed)"
+# %% ../nbs/07_export.ipynb #c70292ac
+def to_onnx(model:nn.Module, sample:Tensor, path,
+            dynamo:bool|None=None,     # torch.export-based exporter (default: where onnxscript is installed), else TorchScript's
+            dynamic_batch:bool=True,   # leave the batch size free (unless `kwargs` give their own dynamic_shapes/dynamic_axes)
+            **kwargs)->Path:           # passed to `torch.onnx.export`
+    "Export `model` in eval mode on `sample` to ONNX at `path`"
     if dynamo is None: dynamo = importlib.util.find_spec('onnxscript') is not None
     if dynamo: kwargs.setdefault('verbose', False)
+    if dynamic_batch and not {'dynamic_shapes','dynamic_axes'} & kwargs.keys():
+        if dynamo: kwargs['dynamic_shapes'] = ({0: torch.export.Dim.AUTO},)
+        else: kwargs = dict(input_names=['input'], output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}}, **kwargs)
     was = model.training
     try: torch.onnx.export(model.eval(), (sample,), str(path), dynamo=dynamo, **kwargs)  # not under no_grad: it would send
     finally: model.train(was)                                                              # MultiheadAttention to its fused op, which ONNX lacks
