@@ -232,7 +232,7 @@ def allocate(curves:list[Curve], limit:float, by:str='params', alloc:str='greedy
     if least > limit: raise ValueError(f"the layers cannot cost less than {least:,.0f} {by}, over the {limit:,.0f} asked")
     return _fill(costs, errs, (_greedy if alloc=='greedy' else _minmax)(costs, errs, limit), limit)
 
-# %% ../nbs/03_ranks.ipynb #d682166b
+# %% ../nbs/03_ranks.ipynb #7ee8651a
 def _batches(data, n:int=4)->list[Tensor]:
     "Up to `n` input batches from a tensor, a list of them, or a DataLoader of (x, y) tuples"
     if isinstance(data, Tensor): return [data]
@@ -253,23 +253,19 @@ def layer_sensitivity(model:nn.Module, curves:list[Curve], data, probes=(0.05, 0
     xs = _batches(data, n_batches)
     p = next(model.parameters())
     xs = [x.to(p.device) for x in xs]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            y0 = torch.cat([_flat(model(x)) for x in xs])
-            for c in curves:
-                h = [j for j in _hull(c.params, c.err) if c.ranks[j] is not None and c.err[j] > 1e-12]
-                es,rho = [],[]
-                for j in sorted({min(h, key=lambda j: abs(c.params[j]/c.params[-1]-f)) for f in probes} if h else [], key=lambda j: c.err[j]):
-                    model.set_submodule(c.name, build_block(c.layer, c.method, c.ranks[j]))
-                    try: y = torch.cat([_flat(model(x)) for x in xs])
-                    finally: model.set_submodule(c.name, c.layer)
-                    es.append(c.err[j]); rho.append(((y-y0).square().sum()/y0.square().sum().clamp_min(1e-30)).item()/c.err[j])
-                if rho: c.weight = c.weight*np.interp(c.err, es, rho)
-    finally: model.train(was)
+    with evaluating(model), torch.no_grad():
+        y0 = torch.cat([_flat(model(x)) for x in xs])
+        for c in curves:
+            h = [j for j in _hull(c.params, c.err) if c.ranks[j] is not None and c.err[j] > 1e-12]
+            es,rho = [],[]
+            for j in sorted({min(h, key=lambda j: abs(c.params[j]/c.params[-1]-f)) for f in probes} if h else [], key=lambda j: c.err[j]):
+                model.set_submodule(c.name, build_block(c.layer, c.method, c.ranks[j]))
+                try: y = torch.cat([_flat(model(x)) for x in xs])
+                finally: model.set_submodule(c.name, c.layer)
+                es.append(c.err[j]); rho.append(((y-y0).square().sum()/y0.square().sum().clamp_min(1e-30)).item()/c.err[j])
+            if rho: c.weight = c.weight*np.interp(c.err, es, rho)
 
-# %% ../nbs/03_ranks.ipynb #737740a3
+# %% ../nbs/03_ranks.ipynb #2dd332f6
 def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None)->list:
     "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
     if method not in ('tucker','cp','svd','spatial'): raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd' or 'spatial'")
@@ -284,19 +280,10 @@ def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, e
     shapes = layer_shapes(model, sample, [n for n,_ in todo]) if sample is not None else {}
     return [(n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)) for n,m in todo]
 
-def _input(model, sample)->Tensor:
-    x = sample[:1] if isinstance(sample, Tensor) else torch.zeros(*((1,) if len(sample)==3 else ()), *sample)
-    p = next(model.parameters())
-    return x.to(p.device, p.dtype if x.is_floating_point() else x.dtype)
-
 def model_macs(model:nn.Module, sample)->int:
     "Multiply-adds of `model` per sample (convolutions and matrix products, as `torch.utils.flop_counter` counts them)"
     from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as fc: model(_input(model, sample))
-    finally: model.train(was)
+    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as fc: model(sample_input(model, sample))
     return fc.get_total_flops()//2
 
 def n_params(model:nn.Module)->int: return sum(p.numel() for p in model.parameters())
@@ -421,16 +408,12 @@ def search_ranks(model:nn.Module,
     rows = [dict(trial=t.number, accuracy=t.values[0], **t.user_attrs, **t.params, plan=plans[t.number]) for t in study.best_trials]
     return pd.DataFrame(rows).sort_values(by, ignore_index=True)
 
-# %% ../nbs/03_ranks.ipynb #81af85b2
+# %% ../nbs/03_ranks.ipynb #95bf8354
 def cpu_latency(model:nn.Module, sample, min_run_time:float=0.2)->float:
     "Median latency in ms of `model` on `sample` (a batch, or its shape) on one CPU thread, by `torch.utils.benchmark`"
     from torch.utils.benchmark import Timer
-    x = sample if isinstance(sample, Tensor) else _input(model, sample)
-    was = model.training
-    try:
-        model.eval()
-        with torch.inference_mode(): return Timer('m(x)', globals=dict(m=model, x=x)).blocked_autorange(min_run_time=min_run_time).median*1e3
-    finally: model.train(was)
+    x = sample if isinstance(sample, Tensor) else sample_input(model, sample)
+    with evaluating(model), torch.inference_mode(): return Timer('m(x)', globals=dict(m=model, x=x)).blocked_autorange(min_run_time=min_run_time).median*1e3
 
 def sweep(model:nn.Module,
           evaluate:Callable,            # model -> accuracy

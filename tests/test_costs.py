@@ -175,3 +175,19 @@ def test_report_counts_match_flop_counter(dec, method, opts, sample):
         assert isinstance(blk, Factorized)==pd.notna(row['method']), f"{case}: report method {row['method']!r} but the layer is {type(blk).__name__}"
         counted = (weight_numel(blk), macs(blk, after[n]))
         assert (row['params_after'], row['macs_after'])==counted, f"{case}: report params_after/macs_after {(row['params_after'], row['macs_after'])}, counted {counted}"
+
+# ---- counting runs the model in eval mode and gives every module its own mode back (a frozen BatchNorm stays frozen)
+
+@pytest.mark.parametrize('count', ['model_macs', 'layer_shapes', 'model_costs', 'cpu_latency'])
+def test_counting_keeps_each_modules_mode(count):
+    from fasterai_lr.ranks import model_macs, cpu_latency
+    from fasterai_lr.decompose import layer_shapes
+    from fasterai_lr.callback import model_costs
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
+    m[1].eval()                                            # as fastai's BnFreeze leaves it
+    run = dict(model_macs=lambda: model_macs(m, (3, 8, 8)), layer_shapes=lambda: layer_shapes(m, (3, 8, 8), ['0']),
+               model_costs=lambda: model_costs(m, torch.randn(2, 3, 8, 8)), cpu_latency=lambda: cpu_latency(m, (3, 8, 8), min_run_time=0.01))[count]
+    stats = m[1].running_mean.clone()
+    run()
+    assert [x.training for x in m.modules()] == [True, True, False, True], f"{count} changed the modes: {[x.training for x in m.modules()]}"
+    assert torch.equal(m[1].running_mean, stats), f"{count} ran the model in training mode (BatchNorm statistics moved)"
