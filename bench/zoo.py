@@ -7,8 +7,9 @@ Run: python bench/zoo.py [--quick] [--methods tucker,cp,svd,spatial,budget] [--m
                          [--no-onnx] [--dynamo] [--onnx-max-params 100e6] [--cp-max-params 12e6] [--out bench/out/zoo.txt]
 Models run smallest first. `--cp-max-params` leaves CP out on bigger models (a row 'skip' says so): its ALS takes
 minutes per model on a small CPU (resnet18: ~20 s on 2 free cores, 6 minutes on 2 busy ones).
-The full run (80 models × 5 methods) takes hours on 2 cores: run it in the background, e.g.
-    nice -n 19 python bench/zoo.py --out bench/out/zoo.txt > /dev/null 2>&1 &
+It runs torch on one thread (`--threads`): beside any other load on a 2-core machine, two threads wait on each other
+and run ~100× slower. The full run (80 models × 5 methods, ONNX included) then takes minutes, e.g.
+    python bench/zoo.py --out bench/out/zoo.txt
 """
 import argparse, collections, gc, re, sys, tempfile, time, traceback, torch, torchvision
 from pathlib import Path
@@ -120,7 +121,9 @@ def main(argv=None):
     p.add_argument('--onnx-max-params', type=float, default=1e8, help='export only models with at most this many parameters')
     p.add_argument('--cp-max-params', type=float, help='run CP only on models with at most this many parameters')
     p.add_argument('--out', help='also write the rows and the summary to this file')
+    p.add_argument('--threads', type=int, default=1, help='torch threads (more than the free cores makes every op wait)')
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     names = a.models.split(',') if a.models else QUICK if a.quick else torchvision.models.list_models(module=torchvision.models)
     names = sorted(names, key=size)
     methods = a.methods.split(',')
