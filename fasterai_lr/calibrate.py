@@ -47,7 +47,7 @@ def data_target(W:Tensor, G:Tensor, C:Tensor|None=None, damp:float=0.)->Tensor:
     lam = S@S.mT - G.double()                                  # the λI that gram_sqrt added
     return W @ (C.double() + lam) @ Si.mT @ Si
 
-# %% ../nbs/04_calibrate.ipynb #2891fc28
+# %% ../nbs/04_calibrate.ipynb #aed72b41
 def whitened_svd(W:Tensor, G:Tensor, rank:int, damp:float=0.)->tuple[Tensor,Tensor]:
     "A (…×m×r), B (…×r×n) minimising the output error ‖(W−AB)S‖ on inputs with Gram `G` = S Sᵀ (SVD-LLM whitening)"
     S,Si = gram_sqrt(G, damp)
@@ -57,7 +57,7 @@ def whitened_svd(W:Tensor, G:Tensor, rank:int, damp:float=0.)->tuple[Tensor,Tens
 def output_errors(W:Tensor, G:Tensor, damp:float=0.)->Tensor:
     "Relative output error ‖(W−Ŵᵣ)S‖/‖WS‖ of the whitened rank-r truncation for r = 0…min(m, n), summed over leading dims"
     S,_ = gram_sqrt(G, damp)
-    s2 = torch.linalg.svdvals(W.double() @ S).square().reshape(-1, min(W.shape[-2:])).sum(0)
+    s2 = singular_values_sq(W.double() @ S, exact=True).reshape(-1, min(W.shape[-2:])).sum(0)
     tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
     return (tail/tail[0].clamp_min(1e-300)).sqrt()
 

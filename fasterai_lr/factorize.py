@@ -12,8 +12,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'tucker2', 'tucker2_to_tensor',
            'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks',
-           'linear_rank', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs', 'linear_costs',
-           'keep_rank']
+           'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs',
+           'linear_costs', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -198,10 +198,15 @@ def full_ranks(shape)->dict:
     O,I,kh,kw = shape[-4:]
     return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,kh,kw)))
 
-# %% ../nbs/00_factorize.ipynb #01bbce52
+# %% ../nbs/00_factorize.ipynb #4ded957c
 def linear_rank(m:int, n:int, keep:float)->int:
     "Largest rank whose two factors hold at most `keep` of an m×n matrix's parameters (at least 1)"
     return max(1, int(keep*m*n/(m+n) + 1e-9))   # 1e-9: a budget met exactly must not lose a rank to rounding
+
+def singular_values_sq(W:Tensor, exact:bool=False)->Tensor:
+    "σᵢ² of W (…×m×n), largest first, in float64: eigenvalues of the Gram of its shorter side (a fraction of an SVD's cost on wide matrices), formed in `work_dtype` or in float64 if `exact`"
+    W = W.mT if W.shape[-2] > W.shape[-1] else W
+    return torch.linalg.eigvalsh(gram(W.double() if exact else W.to(work_dtype(W)))).flip(-1).clamp_min(0).double()
 
 def energy_rank(S:Tensor, energy:float)->int:
     "Smallest rank whose leading singular values `S` hold `energy` of the squared total"

@@ -60,7 +60,7 @@ def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
     if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
 
-# %% ../nbs/01_layers.ipynb #15f55bc3
+# %% ../nbs/01_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
     "The weights of `layer` as per-group kernels G×O×I×kh×kw (a Linear is one 1×1 group)"
     w = layer.weight.detach()
@@ -76,8 +76,8 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
         return tuple(max(1, round((1-value)*f)) for f in full) if method=='tucker' else max(1, round((1-value)*full))
     if opt=='energy':
         if method=='cp': raise ValueError(f"{at}energy= is not defined for CP (it has no singular values); pass rank= or keep=")
-        if method=='tucker': return tuple(energy_rank(torch.linalg.svdvals(unfold(K.double(), i)), value) for i in (0,1))
-        return energy_rank(torch.linalg.svdvals(svd_matrix(K.double(), method)), value)
+        if method=='tucker': return tuple(energy_rank(singular_values_sq(unfold(K, i)).sqrt(), value) for i in (0,1))
+        return energy_rank(singular_values_sq(svd_matrix(K, method)).sqrt(), value)
     if value=='full': return full
     if method=='tucker':
         r = (value, value) if _is_int(value) else value

@@ -38,7 +38,7 @@ def evbmf_rank(s:Tensor, L:int, M:int, grid:int=400)->tuple[int|None,str]:
     if not torch.isfinite(obj).all(): return None, "the EVBMF objective is not finite"
     return int((s > (M*s2[obj.argmin(),0]*xb).sqrt()).sum()), ''
 
-# %% ../nbs/03_ranks.ipynb #3484aa10
+# %% ../nbs/03_ranks.ipynb #c9ec1e13
 def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading dims (the largest rank is returned)
               energy:float=0.9,    # the `energy` rule to fall back to when the noise cannot be estimated
              )->int:
@@ -52,9 +52,9 @@ def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading 
     if X.shape[0] > X.shape[1]: X = X.mT
     L,N = X.shape
     if L <= 1: return 1
-    s = torch.linalg.svdvals(X)
+    s = singular_values_sq(X, exact=True).sqrt()
     if not s[0] > 0: return 1
-    s = s.clamp_min(s[0]*N*eps)                         # exactly low rank: the dtype's rounding is the noise (and log x stays finite)
+    s = s.clamp_min(s[0]*max(N*eps, 1e-7))              # exactly low rank: rounding is the noise (the dtype's, or the Gram's: √eps of float64), and log x stays finite
     r,why = evbmf_rank(s, L, N)
     if r is None:
         warnings.warn(f"VBMF cannot estimate the noise of this {L}×{N} matrix ({why}); using the energy rule (energy={energy}) instead")
@@ -80,7 +80,7 @@ class VBMF:
         "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model`"
         return {n: self.rank(l, m) for n,l,m,_ in candidates}
 
-# %% ../nbs/03_ranks.ipynb #eceae41f
+# %% ../nbs/03_ranks.ipynb #5cabfc77
 def rank_grid(full:int, round_to:int=1, n:int=64)->list[int]:
     "At most `n` ranks in 1..`full`, evenly spaced multiples of `round_to`"
     step = round_to*math.ceil(full/(n*round_to))
@@ -103,7 +103,7 @@ def rank_errors(K:Tensor, method:str, ranks:list)->Tensor:
     X = K.double()
     n2 = X.square().sum().clamp_min(1e-300)
     if method in ('svd','spatial'):
-        kept = torch.linalg.svdvals(svd_matrix(X, method)).square().flatten(0,-2).sum(0).cumsum(0)
+        kept = singular_values_sq(svd_matrix(K, method)).flatten(0,-2).sum(0).cumsum(0)
         return (1 - kept[torch.tensor(ranks)-1]/n2).clamp_min(0)
     if method=='tucker':
         U,V = leading_subspace(unfold(X,0), X.shape[-4]), leading_subspace(unfold(X,1), X.shape[-3])
