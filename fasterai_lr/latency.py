@@ -328,7 +328,7 @@ class LatencyBudget:
         self.timer,self.report,self.achieved = LayerTimer(batch, device, timer, cache, memory_format, reps), None, None
     def __repr__(self): return f"LatencyBudget(keep={self.keep:.3g}, batch={self.timer.batch}, device='{self.timer.device}')"
 
-# %% ../nbs/06_latency.ipynb #dafd4abb
+# %% ../nbs/06_latency.ipynb #c9f647c5
 def _options(layer, method, methods, fracs, round_to):
     K = kernel(layer)
     full = full_ranks(K.shape)
@@ -361,22 +361,24 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None)->di
     given,dense = planned(model, {}), as_run(planned(model, {}))   # copies: the caller's model keeps its mode and format
     T_given,T_dense = self.timer.timer([given, dense], x)
     base,T0 = (given,T_given) if self.baseline=='given' else (dense,T_dense)
-    fixed = max(0., T_dense - sum(c.latency[-1] for c in curves))   # what the layers do not cover, in the model as it will run
-    limit = self.keep*T0 - fixed
+    total = sum(c.latency[-1] for c in curves)
+    s = min(1., T_dense/total) if total > 0 else 1.   # layers timed alone can add up to more than the model that holds them (load drift,
+    fixed = T_dense - s*total                          # per-call overhead): scale them to it. `fixed`: what the layers do not cover
+    limit = (self.keep*T0 - fixed)/s                   # in the layers' own timings
     least = sum(c.latency.min() for c in curves)
-    if least > limit: raise ValueError(f"{self!r} cannot be met: the layers' fastest options leave {(fixed+least)/T0:.0%} of the latency "
-                                       f"({T0/(fixed+least):.2f}× at most); ask for less, or offer smaller fractions (fracs=) or more methods")
+    if least > limit: raise ValueError(f"{self!r} cannot be met: the layers' fastest options leave {(fixed+s*least)/T0:.0%} of the latency "
+                                       f"({T0/(fixed+s*least):.2f}× at most); ask for less, or offer smaller fractions (fracs=) or more methods")
     for _ in range(max(1, self.rounds)):
         limit = max(limit, least)
         pick = allocate(curves, limit, 'latency', self.alloc)
         plan = {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
-        est = (fixed + sum(c.latency[j] for c,j in zip(curves, pick)))/T0
+        est = (fixed + s*sum(c.latency[j] for c,j in zip(curves, pick)))/T0
         self.achieved = est
         if not self.check: break
         t_base,t_plan = self.timer.timer([base, as_run(planned(model, plan))], x)
         self.achieved = t_plan/t_base
         if self.achieved <= self.keep or limit <= least: break
-        limit -= (self.achieved - self.keep)*t_base          # the layers' share, cut by the measured excess
+        limit -= (self.achieved - self.keep)*t_base/s        # the layers' share, cut by the measured excess
     if self.check and self.achieved > self.keep:
         why = "even with every layer at its fastest option" if limit <= least else f"after {self.rounds} rounds (ask for more rounds=)"
         warnings.warn(f"{self!r}: the planned model measured {self.achieved:.0%} of the latency {why}; on a busy machine the timings are noisy")
