@@ -27,7 +27,7 @@ def work_dtype(W:Tensor)->torch.dtype:
     m,n = sorted(W.shape[-2:])
     return torch.float64 if W.dtype==torch.float64 or W[...,0,0].numel()*m*m*n < _F64_BUDGET else torch.float32
 
-# %% ../nbs/00_factorize.ipynb #a29e6887
+# %% ../nbs/00_factorize.ipynb #38dee02d
 _BIG = 2e10  # multiply-adds (m²·n) above which the Gram is formed in bfloat16 (where the CPU has it) and its subspace iterated
 
 def _low(W:Tensor)->Tensor:
@@ -70,7 +70,7 @@ def leading_subspace(W:Tensor, rank:int, n_iter:int=2, G:Tensor|None=None)->Tens
     return (Ql @ torch.linalg.eigh((Ql.mT @ Gl @ Ql).to(G.dtype))[1].flip(-1)[...,:rank].to(Gl.dtype)).to(G.dtype)
 
 def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
-    "A (…×m×r), B (…×r×n), A@B the best rank-`rank` approximation of W (Eckart–Young; within ~2% for m²n > 2e10), singular values split evenly"
+    "A (…×m×r), B (…×r×n), A@B the best rank-`rank` approximation of W (Eckart–Young; within a few % for m²n > 2e10), singular values split evenly"
     if W.shape[-2] > W.shape[-1]:
         B,A = svd_factors(W.mT, rank)
         return A.mT, B.mT
