@@ -266,7 +266,7 @@ class Calibration:
             else: self.collect(method, self.names if name in self.names else [name])
         return self.stats[(name,kind)]
 
-# %% ../nbs/04_calibrate.ipynb #23009941
+# %% ../nbs/04_calibrate.ipynb #4c798092
 def _set(layer:nn.Module, w:Tensor):
     with torch.no_grad(): layer.weight.copy_(w.reshape(layer.weight.shape))
 
@@ -276,7 +276,7 @@ def _fill(blk:Factorized, layer:nn.Module, st:Stats, damp:float):
     if blk.method=='tucker':
         (ro,ri),(O,I) = blk.rank, K.shape[1:3]
         core,U_out,first = tucker2_data(K, st.Cin, st.Cout, blk.rank, damp)
-        if ri==I: core,first = torch.einsum('...rshw,...si->...rihw', core, first), None     # folded, as the builder does
+        if ri==I: core,first = torch.einsum('...rshw,...si->...rihw', core, first), None     # the block has no layer for a full-rank factor
         if ro==O: core,U_out = torch.einsum('...rshw,...or->...oshw', core, U_out), None
         for l,w in zip(blk, [w for w in (first, core, U_out) if w is not None]): _set(l, w)
         return blk

@@ -18,7 +18,7 @@ from .layers import _src, _is_int
 
 # %% auto #0
 __all__ = ['PER_LAYER', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input', 'layer_shapes', 'layer_costs',
-           'skip_reason', 'layer_names', 'decompose_layers', 'report_totals', 'decompose_model']
+           'skip_reason', 'under', 'unwrap', 'layer_names', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/02_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -91,7 +91,7 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
     return p, (m if shapes else None)
 
-# %% ../nbs/02_decompose.ipynb #14c2c759
+# %% ../nbs/02_decompose.ipynb #5402b6ed
 @functools.cache
 def _forward_source(cls:type)->str:
     try: return inspect.getsource(cls.forward)
@@ -106,6 +106,14 @@ def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     if isinstance(layer, nn.Conv2d) and layer.in_channels//layer.groups == 1:
         return "depthwise: one input channel per group, nothing to factorize" if layer.groups > 1 else "one input channel: a few filters, too small to factorize"
 
+def under(name:str, names)->bool:
+    "`name` is one of `names` or a module inside one of them"
+    return any(name==n or name.startswith(n+'.') for n in names or [])
+
+def unwrap(model:nn.Module)->nn.Module:
+    "The model a DataParallel/DistributedDataParallel wraps, or `model`"
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
 def _select(model, kind, layers, exclude)->list:
     "(name, layer) of the `kind` layers of `model` in or under `layers` (all if None) and not under `exclude`"
     mods = dict(model.named_modules())
@@ -114,12 +122,10 @@ def _select(model, kind, layers, exclude)->list:
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kind)][:3]}")
         if not isinstance(mods[n], kind) and not any(k.startswith(n+'.') and isinstance(m, kind) for k,m in mods.items()):
             raise ValueError(f"{n!r} is a {type(mods[n]).__name__} with no nn.{kind.__name__} in it; pass names of nn.{kind.__name__} layers or of modules holding them")
-    inside = lambda k,names: any(k==n or k.startswith(n+'.') for n in names or [])
     done = [k for k,m in mods.items() if isinstance(m, Factorized)]   # already decomposed: its factors are left as they are
-    return [(k,m) for k,m in mods.items() if isinstance(m, kind) and (layers is None or inside(k, layers)) and not inside(k, exclude)
-            and not any(k.startswith(d+'.') for d in done)]
+    return [(k,m) for k,m in mods.items() if isinstance(m, kind) and (layers is None or under(k, layers)) and not under(k, exclude) and not under(k, done)]
 
-# %% ../nbs/02_decompose.ipynb #db4b84eb
+# %% ../nbs/02_decompose.ipynb #d04e9b40
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
@@ -157,7 +163,7 @@ PER_LAYER = dict(svd='SVD', tucker='Tucker', cp='CP', spatial='Spatial')
 def _check_model(model, call:str, kind:type|None=None, method:str='svd'):
     "A clear error for a `model` that `call` cannot take"
     if not isinstance(model, nn.Module): raise TypeError(f"{call} takes an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    if unwrap(model) is not model:
         w = type(model).__name__
         raise ValueError(f"the model is wrapped in {w}; decompose model.module and wrap the result in a new {w} (DecomposeCallback does this for you)")
     if kind is not None and isinstance(model, kind):
@@ -241,7 +247,7 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
                                        rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     return new
 
-# %% ../nbs/02_decompose.ipynb #50fa252c
+# %% ../nbs/02_decompose.ipynb #2cf233ec
 def report_totals(report:pd.DataFrame)->dict:
     "Total parameters and multiply-adds of the reported layers before and after, and how many were decomposed"
     t = {c: int(report[c].sum()) for c in ('params','params_after') }
@@ -251,20 +257,19 @@ def report_totals(report:pd.DataFrame)->dict:
 def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
     "Decompose every Conv2d of `model` by `method` and every Linear by SVD: the new model and one report for both"
     _check_model(model, 'decompose_model')
-    if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
-        opts['rank'] = opts['rank'].plan(model, method, sample)
     mods,reports = dict(model.named_modules()),[]
     layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')
     for n in (layers or []) + (exclude or []):
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
-    inside = lambda k,names: any(k==n or k.startswith(n+'.') for n in names or [])
+    if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
+        opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude)
     done = [k for k,m in mods.items() if isinstance(m, Factorized)]
     for d,meth in ((FC_Decomposer(),'svd'), (Conv_Decomposer(),method)):
         has = lambda m: isinstance(m, d.kind) or type(m).__name__==d.kind.__name__   # quantized ones too, to say so
-        mine = lambda names: None if names is None else [n for n in names if any(has(m) for k,m in mods.items() if inside(k, [n]))]   # the names holding this kind
-        left = [k for k,m in mods.items() if has(m) and (layers is None or inside(k, mine(layers))) and not inside(k, exclude) and not inside(k, done)]
-        if left:
-            model = d.decompose(model, meth, sample=sample, quiet=quiet, layers=mine(layers), exclude=mine(exclude), **opts)
+        mine = lambda names: None if names is None else [n for n in names if any(has(m) for k,m in mods.items() if under(k, [n]))]   # the names holding this kind
+        ml,mx = mine(layers),mine(exclude)
+        if any(has(m) and (ml is None or under(k, ml)) and not under(k, mx) and not under(k, done) for k,m in mods.items()):
+            model = d.decompose(model, meth, sample=sample, quiet=quiet, layers=ml, exclude=mx, **opts)
             reports.append(d.report)
     if reports: return model, pd.concat(reports, ignore_index=True)
     among = (f" among layers={layers!r}" if layers else '') + (f" outside exclude={exclude!r}" if exclude else '')

@@ -10,10 +10,10 @@ import math, torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'tucker2', 'tucker2_to_tensor',
-           'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks',
-           'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs',
-           'linear_costs', 'keep_rank']
+__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'kernel_dtype', 'tucker2',
+           'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd',
+           'spatial_svd', 'full_ranks', 'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks',
+           'tucker_keep_ranks', 'conv_costs', 'linear_costs', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -82,15 +82,19 @@ def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
     s = B.norm(dim=-1, keepdim=True).sqrt().clamp_min(torch.finfo(X.dtype).tiny**0.25)
     return U*s.mT, B/s
 
-# %% ../nbs/00_factorize.ipynb #cb14be5c
+# %% ../nbs/00_factorize.ipynb #36a92e38
 def unfold(K:Tensor, mode:int)->Tensor:
     "Mode-`mode` unfolding of the trailing 4 dims of K (…×O×I×kh×kw) counted from the first of them"
     d = K.ndim-4+mode
     return K.movedim(d, K.ndim-4).flatten(K.ndim-3)
 
+def kernel_dtype(K:Tensor)->torch.dtype:
+    "`work_dtype` of a kernel (…×O×I×kh×kw): that of the costlier of its two channel unfoldings"
+    return min((work_dtype(unfold(K, i)) for i in (0,1)), key=lambda d: torch.finfo(d).bits)
+
 def tucker2(K:Tensor, ranks:tuple[int,int], n_iter:int=4, tol:float=1e-3)->tuple[Tensor,Tensor,Tensor]:
     "core (…×r_o×r_i×kh×kw), U_out (…×O×r_o), U_in (…×I×r_i): Tucker-2 of K's channel modes by HOSVD, then HOOI sweeps until the error settles"
-    X,(ro,ri),(O,I) = K.to(work_dtype(K)),ranks,K.shape[-4:-2]
+    X,(ro,ri),(O,I) = K.to(kernel_dtype(K)),ranks,K.shape[-4:-2]
     eye = lambda n: torch.eye(n, dtype=X.dtype, device=X.device).expand(*X.shape[:-4], n, n)
     if ro>=O and ri>=I: return X, eye(O), eye(I)
     if ro>=O or ri>=I:   # one mode kept whole: the truncated SVD of the other unfolding is optimal, no sweeps needed
@@ -198,7 +202,7 @@ def full_ranks(shape)->dict:
     O,I,kh,kw = shape[-4:]
     return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,kh,kw)))
 
-# %% ../nbs/00_factorize.ipynb #4ded957c
+# %% ../nbs/00_factorize.ipynb #341e0ad5
 def linear_rank(m:int, n:int, keep:float)->int:
     "Largest rank whose two factors hold at most `keep` of an m×n matrix's parameters (at least 1)"
     return max(1, int(keep*m*n/(m+n) + 1e-9))   # 1e-9: a budget met exactly must not lose a rank to rounding
@@ -217,10 +221,11 @@ def energy_rank(S:Tensor, energy:float)->int:
 def tucker_budget_ranks(K:Tensor, keep:float)->tuple[int,int]:
     "The Tucker-2 ranks (r_o, r_i) within `keep` of K's parameters that minimise the HOSVD error bound of K (…×O×I×kh×kw)"
     O,I,kh,kw = K.shape[-4:]
-    X = K.to(work_dtype(K))
+    X = K.to(kernel_dtype(K))
     # discarded energy of each channel mode at every rank: ‖K-K̂‖² ≤ tail_o[r_o] + tail_i[r_i] (de Lathauwer et al. 2000)
-    def tail(M):  # t[r]: energy beyond rank r, r = 0…m, summed over groups
-        ev = torch.linalg.eigvalsh(M @ M.mT); ev = ev.reshape(-1, ev.shape[-1]).sum(0).clamp_min(0).flip(0)
+    def tail(M):  # t[r]: energy beyond rank r, r = 0…m, summed over groups (σ² of the unfolding, zeros past its rank)
+        ev = singular_values_sq(M); ev = ev.reshape(-1, ev.shape[-1]).sum(0)
+        ev = torch.cat([ev, ev.new_zeros(M.shape[-2]-len(ev))])
         return torch.cat([ev.flip(0).cumsum(0).flip(0), ev.new_zeros(1)])
     t_o,t_i = tail(unfold(X, 0)), tail(unfold(X, 1))
     P,ri = keep*O*I*kh*kw + 1e-9, torch.arange(1, I+1)

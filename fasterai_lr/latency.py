@@ -118,7 +118,7 @@ def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[t
     r,full = layer_rank(K, method, 'keep', keep), full_ranks(K.shape)[method]
     return [(method, x) for x in dict.fromkeys([r] + [round_rank(r, s, full) for s in steps])]
 
-# %% ../nbs/06_latency.ipynb #246e7f50
+# %% ../nbs/06_latency.ipynb #a9d6f66e
 def _shapes(model, cands, sample):
     "Input/output shapes of the candidates: given, or measured with `sample`"
     have = {n: s for n,_,_,s in cands if s is not None}
@@ -134,6 +134,13 @@ def _errors(layer, options)->list[float]:
         rs = [r for m,r in options if m==meth]
         out.update({(meth, r): e for r,e in zip(rs, rank_errors(K, meth, rs).sqrt().tolist())})
     return [out[o] for o in options]
+
+def _timed(timer, layer, options, shapes):
+    "`layer`'s parameters, MACs and time, the `options` smaller than it, and their times (measured beside the layer's)"
+    p0,m0 = layer_costs(layer, shapes=shapes)
+    options = [o for o in options if layer_costs(layer, *o, shapes)[0] < p0]
+    t0,*ts = timer(layer, options, shapes[0])
+    return p0, m0, options, t0, ts
 
 def _methods(layer, method, methods):
     return ['svd'] if method=='svd' and (isinstance(layer, nn.Linear) or layer.kernel_size==(1,1)) else list(methods or [method])
@@ -162,15 +169,12 @@ def choose(t0:float, times, errors, margin:float=0.05, tol:float=0.1)->int|None:
     best = min(errors[i] for i in pays)
     return min((i for i in pays if errors[i] <= best*(1+tol) + 1e-12), key=lambda i: times[i])
 
-# %% ../nbs/06_latency.ipynb #96154e96
+# %% ../nbs/06_latency.ipynb #b08b4ae7
 def _layer_rows(self, model, cands, sample):
     shapes = _shapes(model, cands, sample if sample is not None else self.sample)
     for n,layer,meth,_ in cands:
         shp = shapes[n]
-        opts = [o for m in _methods(layer, meth, self.methods) for o in keep_options(layer, m, self.keep, self.steps)]
-        p0,m0 = layer_costs(layer, shapes=shp)
-        opts = [o for o in opts if layer_costs(layer, *o, shp)[0] < p0]
-        t0,*ts = self.timer(layer, opts, shp[0])
+        p0,m0,opts,t0,ts = _timed(self.timer, layer, [o for m in _methods(layer, meth, self.methods) for o in keep_options(layer, m, self.keep, self.steps)], shp)
         yield n, layer, shp, p0, m0, t0, opts, ts, _errors(layer, opts)
 
 @patch
@@ -328,7 +332,7 @@ class LatencyBudget:
         self.timer,self.report,self.achieved = LayerTimer(batch, device, timer, cache, memory_format, reps), None, None
     def __repr__(self): return f"LatencyBudget(keep={self.keep:.3g}, batch={self.timer.batch}, device='{self.timer.device}')"
 
-# %% ../nbs/06_latency.ipynb #c9f647c5
+# %% ../nbs/06_latency.ipynb #a0065947
 def _options(layer, method, methods, fracs, round_to):
     K = kernel(layer)
     full = full_ranks(K.shape)
@@ -339,9 +343,7 @@ def _curves(self, model, cands, sample):
     shapes,curves = _shapes(model, cands, sample),[]
     for n,layer,meth,_ in cands:
         shp = shapes[n]
-        p0,m0 = layer_costs(layer, shapes=shp)
-        opts = [o for o in _options(layer, meth, self.methods, self.fracs, self.round_to) if layer_costs(layer, *o, shp)[0] < p0]
-        t0,*ts = self.timer(layer, opts, shp[0])
+        p0,m0,opts,t0,ts = _timed(self.timer, layer, _options(layer, meth, self.methods, self.fracs, self.round_to), shp)
         keep = [i for i,t in enumerate(ts) if t < t0]   # an option no faster than the layer is never worth its error
         opts,ts = [opts[i] for i in keep],[ts[i] for i in keep]
         cost = [layer_costs(layer, *o, shp) for o in opts] + [(p0, m0)]

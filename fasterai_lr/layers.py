@@ -127,7 +127,7 @@ def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
         if bias is not None: block[-1].bias.copy_(bias)
     return block
 
-# %% ../nbs/01_layers.ipynb #cebe4cd8
+# %% ../nbs/01_layers.ipynb #dcc91019
 def linear_svd(lin:nn.Linear, rank)->Factorized:
     "Two Linears, in→rank (no bias) and rank→out (the original bias), from the truncated SVD of `lin`'s weight"
     A,B = svd_factors(lin.weight.detach(), rank)
@@ -143,8 +143,9 @@ def conv_spatial(conv:nn.Conv2d, rank)->Factorized:
 
 def conv_tucker(conv:nn.Conv2d, rank)->Factorized:
     "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is left out"
-    (ro,ri),(G,O,I) = rank, kernel(conv).shape[:3]
-    core,U_out,U_in = tucker2(kernel(conv), rank)   # a mode kept whole comes back as an identity, the core in its original basis
+    (ro,ri),K = rank, kernel(conv)
+    core,U_out,U_in = tucker2(K, rank)   # a mode kept whole comes back as an identity, the core in its original basis
+    O,I = K.shape[1:3]
     return fill(shell(conv, 'tucker', rank, init=False), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
 
 def conv_cp(conv:nn.Conv2d, rank)->Factorized:
