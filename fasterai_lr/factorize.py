@@ -116,7 +116,7 @@ def tucker2_to_tensor(core:Tensor, U_out:Tensor, U_in:Tensor)->Tensor:
     "The kernel that a Tucker-2 decomposition stands for"
     return torch.einsum('...rshw,...or,...is->...oihw', core, U_out, U_in)
 
-# %% ../nbs/00_factorize.ipynb #232f5df2
+# %% ../nbs/00_factorize.ipynb #37bf1b4b
 def cp_full_rank(shape)->int:
     "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape` (O,I,kh,kw)"
     return min(math.prod(shape[:i]+shape[i+1:]) for i in range(4))
@@ -141,46 +141,61 @@ def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
     G = G + ridge*G.diagonal(dim1=-2, dim2=-1).mean(-1)[...,None,None]*torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     return torch.cholesky_solve(M.mT, torch.linalg.cholesky(G)).mT
 
-def cp(K:Tensor, rank:int, n_iter:int=12, tol:float=1e-4, ridge:float=1e-6)->list[Tensor]:
-    "CP factors [A_out, A_in, A_h, A_w] (…×d×`rank`) of K (…×O×I×kh×kw) by regularised ALS; `rank='full'` is exact"
+_CP_SWEEPS = 2e8  # numel·rank·sweeps (a sweep costs ~2·numel·R multiply-adds) that a CP fit may spend before cutting sweeps down to 8
+
+def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
+       rank:int|str,            # R, the number of rank-one terms, or 'full' for the exact CP
+       n_iter:int|None=None,    # most sweeps; by default 30 on small kernels, down to 8 on the biggest
+       tol:float=1e-4,          # stop once a sweep lowers the relative error by less than this fraction of it
+       ridge:float=1e-6,        # Tikhonov term of each least-squares update, relative to its Gram's mean diagonal
+       step:float=1.,           # extrapolation step along each sweep's move (0: plain ALS)
+      )->list[Tensor]:
+    "CP factors [A_out, A_in, A_h, A_w] (…×d×`rank`) of K by regularised, extrapolated ALS; `rank='full'` is exact"
     if rank=='full' or rank==cp_full_rank(K.shape[-4:]): return cp_exact(K)
     X = K.to(torch.float64 if K.dtype==torch.float64 or K.numel()*rank < _F64_BUDGET/20 else torch.float32)   # a sweep costs ~2·numel·R
     *B,O,I,kh,kw = X.shape
+    n_iter = n_iter or round(min(30, max(8, _CP_SWEEPS/(K.numel()*rank))))
     g = torch.Generator(device='cpu').manual_seed(0)
     def init(i):
         M = unfold(X, i); U = leading_subspace(M, min(rank, M.shape[-2]))
         if rank > U.shape[-1]: U = torch.cat([U, torch.randn(*U.shape[:-1], rank-U.shape[-1], generator=g).to(U)/U.shape[-2]**0.5], -1)
         return U
-    a_o,a_i,a_h,a_w = [init(i) for i in range(4)]
+    a_o,a_i,a_h,a_w = fs = [X.new_zeros(*B,O,rank)] + [init(i) for i in (1,2,3)]   # A_o: the first update sets it
     norm2,prev = X.square().flatten(-4).sum(-1), None
-    Xo,Xi = X.flatten(-3), X.movedim(-3,-4).flatten(-3)                    # (…×O×I·hw), (…×I×O·hw)
-    if X.dtype==torch.float32: Xo,Xi = _low(Xo),_low(Xi)                   # the two big products in bfloat16 where native: ALS corrects
-    mm = lambda A,B: (A @ B.to(A.dtype)).to(X.dtype)                       # their 2⁻⁹ each sweep, far below a truncation's error
+    Xo = _low(X.flatten(-3)) if X.dtype==torch.float32 else X.flatten(-3)   # …×O×I·hw, in bfloat16 where native: ALS corrects
+    lo,hi = lambda t: t.to(Xo.dtype), lambda t: t.to(X.dtype)               # its 2⁻⁹ each sweep, far below a truncation's error
     gr = lambda f: f.mT@f
-    G = [gr(f) for f in (a_o,a_i,a_h,a_w)]                                  # the factors' Grams, updated with them
-    for _ in range(n_iter):
-        # contract a channel mode first (one GEMM, O·I·hw·R) so that every intermediate is only (channels × hw × R)
-        kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)            # hw×R: the small spatial Khatri–Rao
-        P = mm(Xi.mT, a_i).unflatten(-2, (O,kh*kw))                           # K ×_i A_i: …×O×hw×R
-        a_o = _solve(G[1]*G[2]*G[3], (P*kr[...,None,:,:]).sum(-2), ridge); G[0] = gr(a_o)
-        Q = mm(Xo.mT, a_o).unflatten(-2, (I,kh*kw))                           # K ×_o A_o: …×I×hw×R
-        a_i = _solve(G[0]*G[2]*G[3], (Q*kr[...,None,:,:]).sum(-2), ridge); G[1] = gr(a_i)
-        S = (Q*a_i[...,:,None,:]).sum(-3).unflatten(-2, (kh,kw))              # K ×_o A_o ×_i A_i: …×kh×kw×R
+    G = [gr(f) for f in fs]                                                 # the factors' Grams, updated with them
+    for k in range(n_iter):
+        if k>1 and step:   # extrapolate along the last sweep's move (not the first one's, away from a random start)
+            a_i,a_h,a_w = [f + step*(f-f0) for f,f0 in zip((a_i,a_h,a_w), start)]
+            G[1:] = [gr(f) for f in (a_i,a_h,a_w)]
+        start = a_i,a_h,a_w
+        # two GEMMs of O·I·hw·R a sweep; every other intermediate is at most channels × hw × R
+        kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)             # hw×R: the spatial Khatri–Rao
+        Z = lo(a_i[...,:,None,:]*kr[...,None,:,:]).flatten(-3,-2)             # I·hw×R: with the input factor
+        a_o = _solve(G[1]*G[2]*G[3], hi(Xo @ Z), ridge); G[0] = gr(a_o)
+        Q = hi(lo(a_o).mT @ Xo).unflatten(-1, (I,kh*kw))                     # K ×_o A_o, rank-major: …×R×I×hw
+        a_i = _solve(G[0]*G[2]*G[3], (Q @ kr.mT[...,None])[...,0].mT, ridge); G[1] = gr(a_i)
+        S = (a_i.mT[...,None,:] @ Q)[...,0,:].mT.unflatten(-2, (kh,kw))        # K ×_o A_o ×_i A_i: …×kh×kw×R
         a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = gr(a_h)
         M = torch.einsum('...hwr,...hr->...wr', S, a_h)
         a_w = _solve(G[0]*G[1]*G[2], M, ridge); G[3] = gr(a_w)
         # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_w∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
         err = ((norm2 - 2*(a_w*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
-        fs = [a_o,a_i,a_h,a_w]
+        if prev is not None and err > prev:   # the extrapolation overshot: back to the last sweep's factors, plain ALS from there
+            (a_o,a_i,a_h,a_w),G,step = fs,list(Gs),0.
+            continue
         ns = torch.stack([g.diagonal(dim1=-2, dim2=-1) for g in G]).clamp_min(1e-60).sqrt()   # rebalance: equal column norms in every factor
         sc = [ns.log().mean(0).exp()/n for n in ns]
-        a_o,a_i,a_h,a_w = [f*c[...,None,:] for f,c in zip(fs, sc)]
+        a_o,a_i,a_h,a_w = fs = [f*c[...,None,:] for f,c in zip((a_o,a_i,a_h,a_w), sc)]
         G = [g*c[...,:,None]*c[...,None,:] for g,c in zip(G, sc)]
+        Gs = tuple(G)
         if prev is not None and prev-err <= tol*max(prev, 1e-12): break
         prev = err
-    return [a_o,a_i,a_h,a_w]
+    return fs
 
-# %% ../nbs/00_factorize.ipynb #6e768c0d
+# %% ../nbs/00_factorize.ipynb #51d41ae4
 def svd_matrix(K:Tensor, method:str)->Tensor:
     "The matrix whose truncated SVD `method` ('svd': O×(I·kh·kw), 'spatial': (I·kh)×(O·kw)) is"
     return K.flatten(-3) if method=='svd' else K.movedim(-4,-2).flatten(-4,-3).flatten(-2)
@@ -202,7 +217,7 @@ def full_ranks(shape)->dict:
     O,I,kh,kw = shape[-4:]
     return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,kh,kw)))
 
-# %% ../nbs/00_factorize.ipynb #341e0ad5
+# %% ../nbs/00_factorize.ipynb #feb91a77
 def linear_rank(m:int, n:int, keep:float)->int:
     "Largest rank whose two factors hold at most `keep` of an m×n matrix's parameters (at least 1)"
     return max(1, int(keep*m*n/(m+n) + 1e-9))   # 1e-9: a budget met exactly must not lose a rank to rounding
@@ -244,7 +259,7 @@ def tucker_keep_ranks(O:int, I:int, kh:int, kw:int, keep:float)->tuple[int,int]:
     a = (-(O*O+I*I) + math.sqrt((O*O+I*I)**2 + 4*keep*(O*I*k2)**2)) / (2*O*I*k2)
     return max(1, min(O, int(a*O + 1e-9))), max(1, min(I, int(a*I + 1e-9)))
 
-# %% ../nbs/00_factorize.ipynb #71926c51
+# %% ../nbs/00_factorize.ipynb #869541b8
 def conv_costs(method:str, rank, O:int, I:int, kh:int, kw:int, groups:int=1, hw_in=(1,1), hw_out=(1,1))->tuple[int,int]:
     "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*"
     (H,W),(Ho,Wo) = hw_in,hw_out
