@@ -116,7 +116,7 @@ def tucker2_to_tensor(core:Tensor, U_out:Tensor, U_in:Tensor)->Tensor:
     "The kernel that a Tucker-2 decomposition stands for"
     return torch.einsum('...rshw,...or,...is->...oihw', core, U_out, U_in)
 
-# %% ../nbs/00_factorize.ipynb #37bf1b4b
+# %% ../nbs/00_factorize.ipynb #b6632686
 def cp_full_rank(shape)->int:
     "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape` (O,I,kh,kw)"
     return min(math.prod(shape[:i]+shape[i+1:]) for i in range(4))
@@ -144,14 +144,15 @@ def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
 _CP_SWEEPS = 2e8  # numel·rank·sweeps (a sweep costs ~2·numel·R multiply-adds) that a CP fit may spend before cutting sweeps down to 8
 
 def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
-       rank:int|str,            # R, the number of rank-one terms, or 'full' for the exact CP
+       rank:int|str,            # R, the number of rank-one terms, or 'full' for the exact CP (R ≥ `cp_full_rank` is exact too)
        n_iter:int|None=None,    # most sweeps; by default 30 on small kernels, down to 8 on the biggest
        tol:float=1e-4,          # stop once a sweep lowers the relative error by less than this fraction of it
        ridge:float=1e-6,        # Tikhonov term of each least-squares update, relative to its Gram's mean diagonal
        step:float=1.,           # extrapolation step along each sweep's move (0: plain ALS)
       )->list[Tensor]:
     "CP factors [A_out, A_in, A_h, A_w] (…×d×`rank`) of K by regularised, extrapolated ALS; `rank='full'` is exact"
-    if rank=='full' or rank==cp_full_rank(K.shape[-4:]): return cp_exact(K)
+    if rank=='full' or rank>=cp_full_rank(K.shape[-4:]):   # exact, and zero columns for any rank beyond
+        return [torch.nn.functional.pad(f, (0, 0 if rank=='full' else rank-f.shape[-1])) for f in cp_exact(K)]
     X = K.to(torch.float64 if K.dtype==torch.float64 or K.numel()*rank < _F64_BUDGET/20 else torch.float32)   # a sweep costs ~2·numel·R
     *B,O,I,kh,kw = X.shape
     n_iter = n_iter or round(min(30, max(8, _CP_SWEEPS/(K.numel()*rank))))
