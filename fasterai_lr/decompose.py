@@ -18,7 +18,8 @@ from .layers import _src, _is_int
 
 # %% auto #0
 __all__ = ['PER_LAYER', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input', 'layer_shapes', 'layer_costs',
-           'skip_reason', 'under', 'unwrap', 'layer_names', 'decompose_layers', 'report_totals', 'decompose_model']
+           'skip_reason', 'under', 'unwrap', 'select_layers', 'layer_names', 'decompose_layers', 'report_totals',
+           'decompose_model']
 
 # %% ../nbs/02_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -91,7 +92,7 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
     return p, (m if shapes else None)
 
-# %% ../nbs/02_decompose.ipynb #5402b6ed
+# %% ../nbs/02_decompose.ipynb #3a531dbe
 @functools.cache
 def _forward_source(cls:type)->str:
     try: return inspect.getsource(cls.forward)
@@ -114,18 +115,25 @@ def unwrap(model:nn.Module)->nn.Module:
     "The model a DataParallel/DistributedDataParallel wraps, or `model`"
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
-def _select(model, kind, layers, exclude)->list:
-    "(name, layer) of the `kind` layers of `model` in or under `layers` (all if None) and not under `exclude`"
-    mods = dict(model.named_modules())
+def select_layers(model:nn.Module,
+                  kinds,              # the layer class, or a tuple of them
+                  layers=None,        # names of layers, or of modules holding them, to take (all if None)
+                  exclude=None,       # names of layers, or of modules holding them, to leave out
+                  usable:bool=False,  # leave out, too, the layers that `skip_reason` keeps as they are
+                 )->list:
+    "(name, layer) of the `kinds` layers of `model` in or under `layers`, not under `exclude` nor in a `Factorized` block"
+    mods,kinds = dict(model.named_modules()),tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
+    what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
     if both := [n for n in layers or [] if n in (exclude or [])]: raise ValueError(f"{both[0]!r} is in both layers= and exclude=; a layer is either decomposed or left as it is")
     for n in (layers or []) + (exclude or []):
-        if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kind)][:3]}")
-        if not isinstance(mods[n], kind) and not any(k.startswith(n+'.') and isinstance(m, kind) for k,m in mods.items()):
-            raise ValueError(f"{n!r} is a {type(mods[n]).__name__} with no nn.{kind.__name__} in it; pass names of nn.{kind.__name__} layers or of modules holding them")
+        if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kinds)][:3]}")
+        if not any(under(k, [n]) and isinstance(m, kinds) for k,m in mods.items()):
+            raise ValueError(f"{n!r} is a {type(mods[n]).__name__} with no {what} in it; pass names of {what} layers or of modules holding them")
     done = [k for k,m in mods.items() if isinstance(m, Factorized)]   # already decomposed: its factors are left as they are
-    return [(k,m) for k,m in mods.items() if isinstance(m, kind) and (layers is None or under(k, layers)) and not under(k, exclude) and not under(k, done)]
+    return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or under(k, layers)) and not under(k, exclude)
+            and not under(k, done) and not (usable and skip_reason(k, m, mods))]
 
-# %% ../nbs/02_decompose.ipynb #d04e9b40
+# %% ../nbs/02_decompose.ipynb #4100dec7
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
@@ -193,7 +201,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
     new = copy.deepcopy(model)
     for n,m in new.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
         if 'quantized' in type(m).__module__ and type(m).__name__==kind.__name__: check_layer(m, kind, n)
-    todo = _select(new, kind, layers, exclude)
+    todo = select_layers(new, kind, layers, exclude)
     if not todo:
         if any(isinstance(m, Factorized) for m in new.modules()):
             warnings.warn("every layer of this kind is already decomposed; the model is returned as it was (decompose the original to change ranks)")
@@ -228,7 +236,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
     return new, report
 
-# %% ../nbs/02_decompose.ipynb #4093d620
+# %% ../nbs/02_decompose.ipynb #e3b3a74e
 @patch
 def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d
@@ -247,7 +255,7 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
                                        rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     return new
 
-# %% ../nbs/02_decompose.ipynb #2cf233ec
+# %% ../nbs/02_decompose.ipynb #cc8be9a8
 def report_totals(report:pd.DataFrame)->dict:
     "Total parameters and multiply-adds of the reported layers before and after, and how many were decomposed"
     t = {c: int(report[c].sum()) for c in ('params','params_after') }

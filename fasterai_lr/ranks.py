@@ -265,16 +265,11 @@ def layer_sensitivity(model:nn.Module, curves:list[Curve], data, probes=(0.05, 0
                 es.append(c.err[j]); rho.append(((y-y0).square().sum()/y0.square().sum().clamp_min(1e-30)).item()/c.err[j])
             if rho: c.weight = c.weight*np.interp(c.err, es, rho)
 
-# %% ../nbs/03_ranks.ipynb #138de6cc
+# %% ../nbs/03_ranks.ipynb #8d72047a
 def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None)->list:
     "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
     if method not in ('tucker','cp','svd','spatial'): raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd' or 'spatial'")
-    mods = dict(model.named_modules())
-    for n in (layers or []) + (exclude or []):
-        if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
-    done = [n for n,m in mods.items() if isinstance(m, Factorized)]   # already decomposed (an earlier stage)
-    todo = [(n,m) for n,m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and (layers is None or under(n, layers))
-            and not under(n, (exclude or []) + done) and skip_reason(n, m, mods) is None]
+    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True)
     for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
     shapes = layer_shapes(model, sample, [n for n,_ in todo]) if sample is not None else {}
     return [(n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)) for n,m in todo]
