@@ -6,7 +6,8 @@ ok / error, layers decomposed, layers left as they are (with the reasons), param
 Run: python bench/zoo.py [--quick] [--methods tucker,cp,svd,spatial,budget] [--models resnet18,vit_b_16]
                          [--no-onnx] [--dynamo] [--onnx-max-params 100e6] [--cp-max-params 12e6] [--out bench/out/zoo.txt]
 Models run smallest first. `--cp-max-params` leaves CP out on bigger models (a row 'skip' says so): its ALS takes
-minutes per model on a small CPU (resnet18: ~20 s on 2 free cores, 6 minutes on 2 busy ones).
+seconds to minutes per model on one thread (resnet18 ~6 s, vgg16_bn ~14 s, regnet_y_128gf ~2 minutes; all 80 ~13 minutes,
+bench/out/zoo_cp.txt).
 It runs torch on one thread (`--threads`): beside any other load on a 2-core machine, two threads wait on each other
 and run ~100× slower. The full run (80 models × 5 methods, ONNX included) then takes minutes, e.g.
     python bench/zoo.py --out bench/out/zoo.txt
