@@ -27,7 +27,7 @@ def work_dtype(W:Tensor)->torch.dtype:
     m,n = sorted(W.shape[-2:])
     return torch.float64 if W.dtype==torch.float64 or W[...,0,0].numel()*m*m*n < _F64_BUDGET else torch.float32
 
-# %% ../nbs/00_factorize.ipynb #38dee02d
+# %% ../nbs/00_factorize.ipynb #75fed619
 _BIG = 2e10  # multiply-adds (m²·n) above which the Gram is formed in bfloat16 (where the CPU has it) and its subspace iterated
 
 def _low(W:Tensor)->Tensor:
@@ -52,10 +52,19 @@ def _iterated(W:Tensor, rank:int)->int:
     q = min(m, rank + max(16, rank//16))
     return q if _big(W) and 2*q <= m else 0
 
+def _unpivot(piv:Tensor, m:int)->Tensor:
+    "Where each row of P·L comes from in L, for LAPACK's row interchanges `piv` (…×q, 1-based) of an m-row LU"
+    def order(p):
+        rows = list(range(m))
+        for i,j in enumerate(p): rows[i],rows[j-1] = rows[j-1],rows[i]
+        return rows
+    return torch.tensor([order(p) for p in piv.reshape(-1, piv.shape[-1]).tolist()]).reshape(*piv.shape[:-1], m).argsort(-1)
+
 def _lu_basis(Y:Tensor)->Tensor:
     "A well-conditioned basis of Y's columns, cheaper than QR: P·L of its LU (enough between subspace-iteration sweeps)"
-    P,L,_ = torch.linalg.lu(Y)
-    return torch.take_along_dim(L, P.argmax(-1, keepdim=True), dim=-2)   # P @ L, as a row gather
+    LU,piv = torch.linalg.lu_factor(Y)   # not linalg.lu, which builds the m×m permutation matrix
+    L = LU.tril(-1); L.diagonal(dim1=-2, dim2=-1).fill_(1)                  # unit lower trapezoid, m×q
+    return L.gather(-2, _unpivot(piv, Y.shape[-2]).to(L.device)[...,None].expand_as(L))
 
 def leading_subspace(W:Tensor, rank:int, n_iter:int=2, G:Tensor|None=None)->Tensor:
     "Orthonormal m×`rank` basis of the dominant column space of W (…×m×n): top eigenvectors of W Wᵀ (or of `G`, if given)"
