@@ -133,7 +133,7 @@ def select_layers(model:nn.Module,
     return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or under(k, layers)) and not under(k, exclude)
             and not under(k, done) and not (usable and skip_reason(k, m, mods))]
 
-# %% ../nbs/02_decompose.ipynb #4100dec7
+# %% ../nbs/02_decompose.ipynb #5fd008a5
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
@@ -184,6 +184,14 @@ def layer_names(v, what:str='layers')->list|None:
     if not isinstance(v, (list, tuple)) or not all(isinstance(n, str) for n in v): raise TypeError(f"{what}={v!r} must be a list of layer names (as in model.named_modules())")
     return list(v)
 
+def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
+    "`new`, with copies of the parameters it still shares with `model` (those of layers left as they were)"
+    orig,memo = {id(p) for p in model.parameters()},{}   # one memo: weights tied in `model` stay tied in `new`
+    for m in new.modules():
+        for k,p in m._parameters.items():
+            if p is not None and id(p) in orig: m._parameters[k] = copy.deepcopy(p, memo)
+    return new
+
 def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=None, exclude=None, sample=None, quiet=False,
                      calib=None, **opts)->tuple[nn.Module,pd.DataFrame]:
     "Decomposed copy of `model` with its `kind` layers factorized by `method`, and the report"
@@ -198,7 +206,8 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
         raise TypeError(f"calib= takes an object with .prepare(model, names) and .build(name, layer, method, rank), e.g. Calibration(data); got {type(calib).__name__}")
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
-    new = copy.deepcopy(model)
+    # a copy in which the weights to factorize are not copied but shared with `model` (read, then replaced), till `_unshared`
+    new = copy.deepcopy(model, {id(p): p for _,l in select_layers(model, kind, layers, exclude) for p in l.parameters(recurse=False)})
     for n,m in new.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
         if 'quantized' in type(m).__module__ and type(m).__name__==kind.__name__: check_layer(m, kind, n)
     todo = select_layers(new, kind, layers, exclude)
@@ -234,7 +243,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
         row.update(method=meth, rank=blk.rank, params_after=p1, macs_after=m1, note='1×1: SVD' if meth!=method else '')
     report = pd.DataFrame(list(rows.values()))
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
-    return new, report
+    return _unshared(new, model), report
 
 # %% ../nbs/02_decompose.ipynb #e3b3a74e
 @patch
