@@ -133,7 +133,7 @@ def select_layers(model:nn.Module,
     return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or under(k, layers)) and not under(k, exclude)
             and not under(k, done) and not (usable and skip_reason(k, m, mods))]
 
-# %% ../nbs/02_decompose.ipynb #5fd008a5
+# %% ../nbs/02_decompose.ipynb #b81cfcbd
 def _plan(rank, new, cands, sample=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
@@ -206,11 +206,12 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
         raise TypeError(f"calib= takes an object with .prepare(model, names) and .build(name, layer, method, rank), e.g. Calibration(data); got {type(calib).__name__}")
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
-    # a copy in which the weights to factorize are not copied but shared with `model` (read, then replaced), till `_unshared`
-    new = copy.deepcopy(model, {id(p): p for _,l in select_layers(model, kind, layers, exclude) for p in l.parameters(recurse=False)})
-    for n,m in new.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
+    for n,m in model.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
         if 'quantized' in type(m).__module__ and type(m).__name__==kind.__name__: check_layer(m, kind, n)
-    todo = select_layers(new, kind, layers, exclude)
+    sel = select_layers(model, kind, layers, exclude)
+    # a copy that shares the weights to factorize with `model` (they are read, then replaced); `_unshared` copies what is left
+    new = copy.deepcopy(model, {id(p): p for _,l in sel for p in l.parameters(recurse=False)})
+    todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if not todo:
         if any(isinstance(m, Factorized) for m in new.modules()):
             warnings.warn("every layer of this kind is already decomposed; the model is returned as it was (decompose the original to change ranks)")

@@ -1,11 +1,10 @@
 """Bad input to the whole-model paths (plans, save/load, decompose's options, calibration, the callback): a clear error
 that says what was wrong, and the model passed in left exactly as it was.
 
-The per-layer checks (ranks, keep, energy, NaN weights, quantized layers, ...) are in test_errors.py. Cases whose
-error is not there yet are marked xfail(strict=True) with the message they should give: `XFAIL` below says where the
-check belongs. A second decompose of a decomposed model is tested apart (`test_second_decompose_*`): `Factorized`
-blocks are left as they are, with a warning when nothing else is left (decomposing the factors again would compound
-the truncation: at keep=0.5 it moved the output of a small CNN by 28%, about as much as the first decompose did)."""
+The per-layer checks (ranks, keep, energy, NaN weights, quantized layers, ...) are in test_errors.py. A second
+decompose of a decomposed model is tested apart (`test_second_decompose_*`): `Factorized` blocks are left as they are,
+with a warning when nothing else is left (decomposing the factors again would compound the truncation: at keep=0.5
+it moved the output of a small CNN by 28%, about as much as the first decompose did)."""
 import json, os, socket, warnings, pytest, torch, torch.distributed as dist
 from collections import OrderedDict
 from torch import nn
@@ -120,10 +119,7 @@ CASES = [
     ('callback-stages-without-layers', lambda: None, lambda m, t: callback(start_epoch=[1, 2]), ValueError, 'pass layers= as one list of layer names'),
 ]
 
-# Cases whose check is not there yet: {id: where it belongs and the message proposed}. Empty: every case has its error.
-XFAIL = {}
-assert XFAIL.keys() <= {c[0] for c in CASES}
-PARAMS = [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.xfail(strict=True, reason=XFAIL[c[0]])] if c[0] in XFAIL else []) for c in CASES]
+PARAMS = [pytest.param(*c[1:], id=c[0]) for c in CASES]
 
 @pytest.mark.parametrize('build,call,exc,msg', PARAMS)
 def test_bad_input(build, call, exc, msg, tmp_path):

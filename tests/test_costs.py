@@ -108,9 +108,7 @@ def test_linear_costs(fin, fout, rank, lead):
 KEEP_LAYERS = [('conv', lambda: nn.Conv2d(12, 16, 3, padding=1)), ('grouped', lambda: nn.Conv2d(8, 12, (3,5), groups=2)),
                ('linear', lambda: nn.Linear(20, 12))]
 
-KEEP_XFAIL = {}  # core bugs these tests found; none open
-KEEP_CASES = [pytest.param(kind, make, method, keep, id=(i := f"{kind}-{method}-{keep}"),
-                           marks=[pytest.mark.xfail(strict=True, reason=KEEP_XFAIL[i])] if i in KEEP_XFAIL else [])
+KEEP_CASES = [pytest.param(kind, make, method, keep, id=f"{kind}-{method}-{keep}")
               for kind,make in KEEP_LAYERS for method in (['SVD'] if kind=='linear' else ['Tucker', 'CP', 'SVD', 'Spatial'])
               for keep in (0.1, 0.3, 0.5, 0.8)]
 

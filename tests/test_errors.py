@@ -129,8 +129,7 @@ case("decompose_model-nan-weight", lambda: poison(net(), 'head', lambda l: with_
 case("model-FC-quantize_dynamic", quantized_net, lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), (TypeError, ValueError), 'quantized')
 case("decompose_model-quantize_dynamic", quantized_net, lambda m: decompose_model(m, 'tucker', quiet=True, rank=2), (TypeError, ValueError), 'quantized')
 
-XFAIL = {}  # core bugs these tests found; none open
-CASES = [pytest.param(*c.values, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[c.id])] if c.id in XFAIL else []) for c in CASES]
+CASES = [pytest.param(*c.values, id=c.id) for c in CASES]
 
 @pytest.mark.parametrize('build,call,exc,msg,named', CASES)
 def test_bad_input(build, call, exc, msg, named):

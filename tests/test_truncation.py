@@ -130,9 +130,7 @@ REF = [(8,6,3,3), (6,10,3,3), (12,8,3,5), (16,16,3,3), (4,12,5,5)]
 def ref_id(s): return 'x'.join(map(str, s))
 
 TUCKER_RANKS = [(1,1), (2,2), (3,2), (4,4), (2,5), (6,4)]
-TUCKER_XFAIL = {}  # core bugs these tests found; none open
-TUCKER_CASES = [pytest.param(s, r, id=(i := f"{ref_id(s)}-r{r[0]}x{r[1]}"),
-                             marks=[pytest.mark.xfail(strict=True, reason=TUCKER_XFAIL[i])] if i in TUCKER_XFAIL else [])
+TUCKER_CASES = [pytest.param(s, r, id=f"{ref_id(s)}-r{r[0]}x{r[1]}")
                 for s in REF for r in TUCKER_RANKS if r[0] <= s[0] and r[1] <= s[1]]
 
 @pytest.mark.parametrize('shape,rank', TUCKER_CASES)
