@@ -6,18 +6,20 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/calibrate.html.md"""
 
 # %% ../nbs/04_calibrate.ipynb #5ecfe2a1
 from __future__ import annotations
-import copy, itertools, torch, torch.nn.functional as F
+import copy, itertools, math, queue, threading, numpy as np, torch, torch.nn.functional as F, torch.distributed as dist
+from collections.abc import Mapping
 from torch import nn, Tensor
 from fastcore.basics import store_attr, patch
 from fastai.data.core import DataLoaders
 from .factorize import *
 from .layers import *
+from .layers import _is_int
 from .decompose import evaluating
 
 # %% auto #0
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
-           'spatial_svd_data', 'cp_front', 'tucker2_data', 'patch_rows', 'n_rows', 'calib_batches', 'stat_kind',
-           'Stats', 'Calibration']
+           'spatial_svd_data', 'cp_front', 'tucker2_data', 'patch_rows', 'n_rows', 'as_inputs', 'to_model',
+           'flat_outputs', 'calib_batches', 'stat_kind', 'Stats', 'Calibration', 'block_kernel']
 
 # %% ../nbs/04_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -135,17 +137,43 @@ def n_rows(x:Tensor, conv:nn.Conv2d|None=None)->int:
     return x.shape[0]*((x.shape[2]+t+b-d[0]*(k[0]-1)-1)//s[0]+1)*((x.shape[3]+l+r-d[1]*(k[1]-1)-1)//s[1]+1)
 
 # %% ../nbs/04_calibrate.ipynb #ca1aae69
-def calib_batches(data, n_batches:int)->list:
-    "Up to `n_batches` input batches from a DataLoader, DataLoaders (its `train`), an iterable of batches or one tensor"
+def as_inputs(batch, n_inp:int=1)->tuple[tuple,dict]:
+    "`batch` as the (args, kwargs) of a model call: a dict is `model(**batch)`, a tuple or list `model(*batch[:n_inp])`, anything else `model(batch)`"
+    if isinstance(batch, Mapping): return (), dict(batch)
+    if isinstance(batch, (tuple, list)): return tuple(batch[:n_inp]), {}
+    return (batch,), {}
+
+def to_model(x, model:nn.Module):
+    "Tensors in `x` (nested in tuples, lists and dicts) on `model`'s device, floating ones in its float dtype"
+    p = next(model.parameters(), None)
+    if p is None: return x
+    if isinstance(x, Tensor): return x.to(p.device, p.dtype) if x.is_floating_point() and p.is_floating_point() else x.to(p.device)
+    if isinstance(x, Mapping): return {k: to_model(v, model) for k,v in x.items()}
+    if isinstance(x, (tuple, list)): return type(x)(to_model(v, model) for v in x)
+    return x
+
+def flat_outputs(y)->Tensor:
+    "Every tensor in a model's output (a tensor, or tuples, lists and dicts of them, e.g. a Hugging Face ModelOutput) as one flat float vector"
+    if isinstance(y, Tensor): return y.flatten().float()
+    vs = [flat_outputs(v) for v in (y.values() if isinstance(y, Mapping) else y if isinstance(y, (tuple, list)) else []) if isinstance(v, (Tensor, Mapping, tuple, list))]
+    return torch.cat(vs) if vs else torch.zeros(0)
+
+def _describe(args, kw)->str: return ', '.join([f"{tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__ for v in args] + [f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}" for k,v in kw.items()])
+
+def calib_batches(data, n_batches:int, n_inp:int|None=None)->list[tuple[tuple,dict]]:
+    "Up to `n_batches` model inputs (args, kwargs) from a DataLoader, DataLoaders (its `train`), an iterable of batches or one tensor"
     if isinstance(data, Tensor): data = [data]
     elif isinstance(data, DataLoaders): data = data.train   # (not `hasattr(data, 'train')`: a fastai DataLoader passes that on to its dataset)
     if not hasattr(data, '__iter__'): raise TypeError(f"calibration data must be a DataLoader or an iterable of input batches, not a {type(data).__name__}")
-    xs = [b[0] if isinstance(b, (tuple,list)) else b for b in itertools.islice(data, n_batches)]
-    if not xs: raise ValueError("the calibration data gave no batch; pass a DataLoader or a list with at least one input batch")
-    if not all(isinstance(x, Tensor) for x in xs): raise TypeError(f"calibration batches must be tensors (or tuples starting with one), got {type(xs[0]).__name__}")
-    for i,x in enumerate(xs):
-        if x.is_floating_point() and not all_finite(x): raise ValueError(f"calibration batch {i} has non-finite values (NaN or Inf); pass finite inputs")
-    return xs
+    n_inp = n_inp or getattr(data, 'n_inp', None) or 1          # fastai loaders say how many items of a batch are inputs
+    raw = list(itertools.islice(data, n_batches))
+    if not raw: raise ValueError("the calibration data gave no batch; pass a DataLoader or a list with at least one input batch")
+    batches = [as_inputs(b, n_inp) for b in raw]
+    for i,(args,kw) in enumerate(batches):
+        ts = [v for v in (*args, *kw.values()) if isinstance(v, Tensor)]
+        if not ts: raise TypeError(f"calibration batches must be tensors, tuples (x, y) or dicts of tensors as the model takes them; batch {i} is a {type(raw[i]).__name__}")
+        if any(t.is_floating_point() and not all_finite(t) for t in ts): raise ValueError(f"calibration batch {i} has non-finite values (NaN or Inf); pass finite inputs")
+    return batches
 
 # %% ../nbs/04_calibrate.ipynb #28a1e712
 def stat_kind(layer:nn.Module, method:str)->str:
@@ -155,17 +183,19 @@ def stat_kind(layer:nn.Module, method:str)->str:
 class Stats:
     "Float64 Grams of one layer's inputs (and outputs), summed over batches: fixed size, whatever the data"
     def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0):
-        store_attr('layer,kind,max_rows')
+        store_attr('layer,kind,max_rows,seed')
         self.G = self.C = self.Cin = self.Cout = None
-        self.rows,self.gen = 0,torch.Generator().manual_seed(seed)
+        self.rows = 0
 
     def _rows(self, x, conv, idx):
         if isinstance(self.layer, nn.Linear): return x.reshape(-1, 1, x.shape[-1])[idx]
         return patch_rows(x, conv, self.layer.groups, idx)
 
-    def _idx(self, total, device):
+    def _idx(self, total, device, batch):
+        "Rows to take from a batch: all, or `max_rows` of them drawn from the batch's own seed (the same whatever order batches come in)"
         if total <= self.max_rows: return torch.arange(total, device=device), 1.
-        return torch.randperm(total, generator=self.gen)[:self.max_rows].sort().values.to(device), total/self.max_rows
+        g = torch.Generator().manual_seed(self.seed*100_003 + batch)
+        return torch.randperm(total, generator=g)[:self.max_rows].sort().values.to(device), total/self.max_rows
 
     @staticmethod
     def _add(acc, a, b, w):
@@ -174,13 +204,13 @@ class Stats:
         return g if acc is None else acc.add_(g)
 
     @torch.no_grad()
-    def update(self, x:Tensor, y:Tensor|None=None, x_ref:Tensor|None=None, y_ref:Tensor|None=None):
-        "Add a batch: the layer's input `x` (and output `y`); in sequential mode the dense model's `x_ref`, `y_ref` at the same layer"
+    def update(self, x:Tensor, y:Tensor|None=None, x_ref:Tensor|None=None, y_ref:Tensor|None=None, batch:int=0):
+        "Add batch number `batch`: the layer's input `x` (and output `y`); in sequential mode the dense model's `x_ref`, `y_ref` at the same layer"
         lin = isinstance(self.layer, nn.Linear)
         if self.kind=='patch':
             conv = None if lin else self.layer
             total = x[...,0].numel() if lin else n_rows(x, conv)
-            idx,w = self._idx(total, x.device)
+            idx,w = self._idx(total, x.device, batch)
             width = self.layer.weight[0].numel()*getattr(self.layer, 'groups', 1)
             for i in idx.split(max(1, 2**22//width)):                  # at most 4M values (32 MiB in float64) per chunk
                 r = self._rows(x, conv, i)
@@ -191,79 +221,114 @@ class Stats:
             G = self.layer.groups
             for v,attr in ((x,'Cin'), (y if y_ref is None else y_ref, 'Cout')):
                 if attr=='Cout' and self.layer.bias is not None: v = v - self.layer.bias[:,None,None]
-                idx,w = self._idx(n_rows(v), v.device)
+                idx,w = self._idx(n_rows(v), v.device, batch)
                 r = patch_rows(v, None, G, idx)
                 setattr(self, attr, self._add(getattr(self, attr), r, r, w))
             self.rows += len(idx)
 
+    def shapes(self, paired:bool=False)->dict:
+        "The shape of each Gram this kind of statistics holds (`paired`: with the sequential cross-Gram C)"
+        g = getattr(self.layer, 'groups', 1)
+        I,O = self.layer.in_channels//g, self.layer.out_channels//g
+        if self.kind=='chan': return dict(Cin=(g, I, I), Cout=(g, O, O))
+        n = self.layer.weight[0].numel()
+        return dict(G=(g, n, n), **(dict(C=(g, n, n)) if paired else {}))
+
+    def all_reduce(self, paired:bool=False)->Stats:
+        "Sum the statistics over the processes of a `torch.distributed` run (DDP): every process then holds those of all the batches"
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return self
+        dev = self.layer.weight.device
+        for a,shape in self.shapes(paired).items():
+            v = getattr(self, a)
+            if v is None: v = torch.zeros(shape, dtype=torch.float64, device=dev)
+            dist.all_reduce(v); setattr(self, a, v)
+        rows = torch.tensor([self.rows], dtype=torch.float64, device=dev)
+        dist.all_reduce(rows); self.rows = int(rows.item())
+        if not self.rows: self.G = self.C = self.Cin = self.Cout = None
+        return self
+
 # %% ../nbs/04_calibrate.ipynb #cf5e2416
-def _model_device_dtype(model):
-    p = next(model.parameters(), None)
-    return (p.device, p.dtype) if p is not None else ('cpu', None)
+class _Stop(Exception): "Raised in a calibration thread when another one failed"
+
+def _fingerprint(model:nn.Module)->tuple:
+    "A cheap summary of `model`'s weights (a strided sample of each): equal for a model and its copies, different once it trains"
+    with torch.no_grad(): return tuple((tuple(p.shape), p.flatten()[::max(1, p.numel()//64)].double().sum().item()) for p in model.parameters())
 
 class Calibration:
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
-    def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of input batches, or one tensor
-                 n_batches:int=8,            # at most this many batches are drawn from `data`
+    def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches (tensors, tuples, dicts), or one tensor
+                 n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use of this calibration sees the same ones
                  sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it
                  damp:float=0.01,            # ridge λ = damp·tr(G)/n: weight-SVD-like in directions the data hardly see
                  max_rows:int=8192,          # at most this many rows (positions × images) per batch and layer enter a Gram
+                 n_inp:int|None=None,        # how many items of a tuple batch are model inputs (the DataLoader's `n_inp`, else 1: (x, y) pairs)
                 ):
-        if not (isinstance(n_batches, int) and n_batches > 0): raise ValueError(f"n_batches={n_batches!r}; pass a positive int")
-        if damp < 0: raise ValueError(f"damp={damp} is negative; pass 0 (pure data fit) or a small positive ridge such as 0.01")
-        store_attr('data,n_batches,sequential,damp,max_rows')
-        self.xs = None
+        if not (_is_int(n_batches) and n_batches > 0): raise ValueError(f"n_batches={n_batches!r}; pass a positive int")
+        if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
+            raise ValueError(f"damp={damp!r}: pass 0 (pure data fit) or a small positive ridge such as 0.01")
+        if n_inp is not None and not (_is_int(n_inp) and n_inp > 0): raise ValueError(f"n_inp={n_inp!r}; pass a positive int (how many items of each batch the model takes)")
+        store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
+        self.xs,self.stats,self._fp = None,{},None
+
+    def batches(self)->list:
+        "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
+        if self.xs is None: self.xs = calib_batches(self.data, self.n_batches, self.n_inp)
+        return self.xs
 
     def prepare(self, model:nn.Module, names:list):
         "Keep `model` (decomposed in place by the caller), a dense copy of it, and the `names` of the layers to calibrate"
+        fp = _fingerprint(model)
+        if fp != self._fp: self.stats,self._fp = {},fp          # new weights (another stage, more training): statistics anew
         self.model,self.names = model,list(names)
         self.ref = copy.deepcopy(model).eval()
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
-        if self.xs is None: self.xs = calib_batches(self.data, self.n_batches)
-        self.stats = {}
+        self.batches()
         return self
 
-    def _forward(self, model, x, i:int=0):
-        dev,dt = _model_device_dtype(model)
-        x = x.to(dev, dt) if dt is not None and x.is_floating_point() else x.to(dev)
+    def _forward(self, model, batch, i:int=0):
+        args,kw = to_model(batch, model)
         try:
-            with evaluating(model), torch.no_grad(): model(x)
-        except Exception as e: raise ValueError(f"calibration batch {i} of shape {tuple(x.shape)} does not run through the model ({type(e).__name__}: {e}); "
+            with torch.no_grad(): return model(*args, **kw)
+        except _Stop: raise
+        except Exception as e: raise ValueError(f"calibration batch {i} ({_describe(args, kw)}) does not run through the model ({type(e).__name__}: {e}); "
                                                 "pass batches of the inputs the model takes, as it sees them in training") from e
 
-    def collect(self, method:str, names:list|None=None):
-        "Stream the statistics `method` needs for the layers `names` (all prepared ones by default) in one pass through the dense copy"
-        todo = {n: stat_kind(self.ref_mods[n], method) for n in (self.names if names is None else names)}
-        todo = {n:k for n,k in todo.items() if (n,k) not in self.stats}
-        st = {n: Stats(self.ref_mods[n], k, self.max_rows) for n,k in todo.items()}
-        hooks = [self.ref_mods[n].register_forward_hook(lambda m,i,o,s=s: s.update(i[0], o)) for n,s in st.items()]
+    def collect(self, method:str|None=None, names:list|None=None, kinds:dict|None=None):
+        "Stream the statistics that `method` needs (or `kinds` [(name, 'patch'|'chan')]) for the layers `names` (all prepared ones by default) in one pass through the dense copy"
+        kinds = kinds or [(n, stat_kind(self.ref_mods[n], method)) for n in (self.names if names is None else names)]
+        st = {(n,k): Stats(self.ref_mods[n], k, self.max_rows) for n,k in kinds if (n,k) not in self.stats}
+        if not st: return self
+        hooks,at = [self.ref_mods[n].register_forward_hook(lambda m,i,o,s=s: s.update(i[0], o, batch=at[0])) for (n,_),s in st.items()],[0]
         try:
-            for i,x in enumerate(self.xs): self._forward(self.ref, x, i)
+            with evaluating(self.ref):
+                for i,x in enumerate(self.xs): at[0] = i; self._forward(self.ref, x, i)
         finally:
             for h in hooks: h.remove()
-        self.stats.update({(n,s.kind): s for n,s in st.items()})
+        self.stats.update({k: s.all_reduce() for k,s in st.items()})
         return self
 
     def _collect_sequential(self, name:str, kind:str):
-        "One pass through the model as decomposed so far and the dense copy, pairing `name`'s inputs batch by batch"
+        "One pass through the model as decomposed so far and the dense copy, pairing `name`'s inputs batch by batch (for a lone `build`)"
         s,got = Stats(self.ref_mods[name], kind, self.max_rows),{}
         hooks = [self.ref_mods[name].register_forward_hook(lambda m,i,o: got.update(xr=i[0], yr=o)),
                  self.mods[name].register_forward_hook(lambda m,i,o: got.update(x=i[0], y=o))]
         try:
-            for i,x in enumerate(self.xs):
-                self._forward(self.ref, x, i); self._forward(self.model, x, i)
-                if 'x' in got and 'xr' in got: s.update(got['x'], got['y'], got['xr'], got['yr'])
-                got.clear()
+            with evaluating(self.ref), evaluating(self.model):
+                for i,x in enumerate(self.xs):
+                    self._forward(self.ref, x, i); self._forward(self.model, x, i)
+                    if 'x' in got and 'xr' in got: s.update(got['x'], got['y'], got['xr'], got['yr'], batch=i)
+                    got.clear()
         finally:
             for h in hooks: h.remove()
-        self.stats[(name,kind)] = s
+        self.stats[(name,kind,'seq')] = s.all_reduce(paired=True)
 
     def layer_stats(self, name:str, layer:nn.Module, method:str)->Stats:
-        "The statistics of layer `name` for `method`, streamed now if they are not there yet"
+        "The statistics of layer `name` for `method`, streamed now (for every prepared layer at once) if they are not there yet"
         kind = stat_kind(layer, method)
-        if (name,kind) not in self.stats:
-            if self.sequential: self._collect_sequential(name, kind)
-            else: self.collect(method, self.names if name in self.names else [name])
+        if self.sequential: 
+            if (name,kind,'seq') not in self.stats: self._collect_sequential(name, kind)
+            return self.stats[(name,kind,'seq')]
+        if (name,kind) not in self.stats: self.collect(method, self.names if name in self.names else [name])
         return self.stats[(name,kind)]
 
 # %% ../nbs/04_calibrate.ipynb #4c798092
@@ -271,32 +336,46 @@ def _set(layer:nn.Module, w:Tensor):
     with torch.no_grad(): layer.weight.copy_(w.reshape(layer.weight.shape))
 
 def _fill(blk:Factorized, layer:nn.Module, st:Stats, damp:float):
-    "Replace the factors of the weight-only block `blk` of `layer` by data-aware ones from the statistics `st`"
+    "Replace the factors of the weight-only block `blk` of `layer` by data-aware ones from the statistics `st`, their scales balanced as the weight-only builders' are"
     K = kernel(layer).double()
     if blk.method=='tucker':
         (ro,ri),(O,I) = blk.rank, K.shape[1:3]
+        eye = lambda n: torch.eye(n, dtype=K.dtype, device=K.device).expand(*K.shape[:-4], n, n)
         core,U_out,first = tucker2_data(K, st.Cin, st.Cout, blk.rank, damp)
-        if ri==I: core,first = torch.einsum('...rshw,...si->...rihw', core, first), None     # the block has no layer for a full-rank factor
-        if ro==O: core,U_out = torch.einsum('...rshw,...or->...oshw', core, U_out), None
-        for l,w in zip(blk, [w for w in (first, core, U_out) if w is not None]): _set(l, w)
+        if ri==I: core,first = torch.einsum('...rshw,...si->...rihw', core, first), eye(I)     # the block has no layer for a full-rank factor
+        if ro==O: core,U_out = torch.einsum('...rshw,...or->...oshw', core, U_out), eye(O)
+        core,U_out,U_in = balance_tucker(core, U_out, first.mT)
+        for l,w in zip(blk, [U_in.mT]*(ri<I) + [core] + [U_out]*(ro<O)): _set(l, w)
         return blk
     W = data_target(K.flatten(-3), st.G, st.C, damp)
     if blk.method=='svd':                                         # a Linear is a 1×1 kernel: the same whitened truncation
-        for l,w in zip(blk, channel_svd_data(K, st.G, blk.rank, damp, W)): _set(l, w)
+        first,last = channel_svd_data(K, st.G, blk.rank, damp, W)
+        A,B = balance(last.flatten(-3), first.flatten(-3))
+        for l,w in zip(blk, (B, A)): _set(l, w)
     elif blk.method=='spatial':
-        for l,w in zip(blk, spatial_svd_data(K, st.G, blk.rank, damp, W)): _set(l, w)
+        V,H = spatial_svd_data(K, st.G, blk.rank, damp, W)           # …×r×I×kh×1, …×O×r×1×kw: component i is V[i] and H[:, i]
+        A,B = balance(H[...,0,:].mT.flatten(-3,-2), V.flatten(-3))  # (…×O·kw×r): H's component i as one column
+        for l,w in zip(blk, (B, A.unflatten(-2, (H.shape[-4], H.shape[-1])).mT)): _set(l, w)
     elif blk.method=='cp':
-        a_in,a_h,a_w = [l.weight.detach().reshape(layer.groups, blk.rank, -1).mT for l in list(blk)[:3]]
-        _set(blk[3], refit_last(W, st.G, cp_front(a_in, a_h, a_w), damp))
+        a_in,a_h,a_w = [l.weight.detach().double().reshape(layer.groups, blk.rank, -1).mT for l in list(blk)[:3]]
+        fs = balance_cp([refit_last(W, st.G, cp_front(a_in, a_h, a_w), damp), a_in, a_h, a_w])
+        for l,w in zip(blk, [f.mT for f in fs[1:]] + fs[:1]): _set(l, w)
     return blk
+
+def _builder(layer, method): return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
+
+def _blank(layer:nn.Module, method:str, rank)->Factorized:
+    "The block that `_fill` fills: CP's weight-only one (it keeps the fitted front factors), the others' empty factor layers with the layer's bias"
+    if method=='cp': return conv_cp(layer, rank)
+    blk = shell(layer, 'svd' if isinstance(layer, nn.Linear) else method, rank, init=False)
+    return fill(blk, bias=None if layer.bias is None else layer.bias.detach())
 
 @patch
 def build(self:Calibration, name:str, layer:nn.Module, method:str, rank)->Factorized|None:
     "The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it"
     st = self.layer_stats(name, layer, method)
     if st.rows==0: return None
-    blk = (linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method])(layer, rank)
-    return _fill(blk, layer, st, self.damp)
+    return _fill(_blank(layer, method, rank), layer, st, self.damp)
 
 @patch
 def errors(self:Calibration, name:str)->Tensor:
@@ -304,3 +383,130 @@ def errors(self:Calibration, name:str)->Tensor:
     layer = self.ref_mods[name]
     st = self.layer_stats(name, layer, 'svd')
     return output_errors(data_target(kernel(layer).flatten(-3), st.G, st.C, self.damp), st.G, self.damp)
+
+# %% ../nbs/04_calibrate.ipynb #b10c4a11
+_batch = threading.local()   # which calibration batch the current thread runs
+
+class _Lockstep:
+    "Every calibration batch through the dense copy and through the model being decomposed at once, a thread each: a batch waits at each layer to fit until all batches are there"
+    def __init__(self, cal:Calibration, items:list):
+        self.cal,self.todo = cal,{n: (l, m, r) for n,l,m,r in items}
+        self.order = {n: i for i,n in enumerate(self.todo)}
+        self.stats = {n: Stats(cal.ref_mods[n], stat_kind(l, m), cal.max_rows) for n,(l,m,r) in self.todo.items()}
+        B = len(cal.xs)
+        self.cond,self.lock,self.built,self.waiting,self.failed = threading.Condition(),threading.Lock(),{},{},[]
+        self.active,self.queues,self.ref_done,self.work_done = B,[queue.Queue(maxsize=1) for _ in range(B)],[False]*B,[False]*B
+
+    def _put(self, b, item):
+        "Hand the dense copy's input and output at a layer to batch `b`'s worker (waits while it has not taken the last one)"
+        while not (self.work_done[b] or self.failed):
+            try: return self.queues[b].put(item, timeout=0.5)
+            except queue.Full: pass
+
+    def _ref_of(self, b, name):
+        "The dense copy's (input, output) at layer `name` for batch `b`, or (None, None) where the dense pass did not go there"
+        while not self.ref_done[b]:
+            if self.failed: raise _Stop()
+            try: item = self.queues[b].get(timeout=0.5)
+            except queue.Empty: continue
+            if item is None: self.ref_done[b] = True
+            elif item[0]==name: return item[1:]
+        return None, None
+
+    def _release(self):
+        "With the lock held: once every batch still running waits at a layer, fit the first of those layers on all of them"
+        if self.failed or not self.waiting or len(self.waiting) < self.active: return
+        n = min(set(self.waiting.values()), key=self.order.get)
+        try:
+            (l,m,r),st = self.todo[n],self.stats[n].all_reduce(paired=True)
+            self.cal.stats[(n, st.kind, 'seq')] = st
+            self.built[n] = _fill(_blank(l, m, r), l, st, self.cal.damp) if st.rows else None
+        except Exception as e: self.failed.append(e)
+        self.cond.notify_all()
+
+    def _at(self, n, x, out):
+        "Batch `_batch.b` reaches layer `n` of the model being decomposed: add its statistics, wait for the fit, go on through the new block"
+        b = _batch.b
+        with self.cond: done = n in self.built         # (a module called twice: fitted at its first call)
+        if not done:
+            xr,yr = self._ref_of(b, n)
+            with self.lock: self.stats[n].update(x, out, x if xr is None else xr, out if yr is None else yr, batch=b)
+            with self.cond:
+                self.waiting[b] = n
+                self._release()
+                while n not in self.built and not self.failed: self.cond.wait()
+                self.waiting.pop(b, None)
+                if self.failed: raise _Stop()
+        return out if self.built[n] is None else self.built[n](x)
+
+    def _run(self, b, ref:bool):
+        _batch.b = b
+        try: self.cal._forward(self.cal.ref if ref else self.cal.model, self.cal.xs[b], b)
+        except BaseException as e:
+            if not isinstance(e, _Stop):
+                with self.cond: self.failed.append(e); self.cond.notify_all()
+        finally:
+            if ref: self._put(b, None)
+            else:
+                self.work_done[b] = True
+                with self.cond: self.active -= 1; self._release()
+
+    def __call__(self)->dict:
+        cal = self.cal
+        hooks = [cal.ref_mods[n].register_forward_hook(lambda m,i,o,n=n: self._put(_batch.b, (n, i[0], o))) for n in self.todo]
+        hooks += [cal.mods[n].register_forward_hook(lambda m,i,o,n=n: self._at(n, i[0], o)) for n in self.todo]
+        ts = [threading.Thread(target=self._run, args=(b, ref), daemon=True) for b in range(len(cal.xs)) for ref in (True, False)]
+        try:
+            with evaluating(cal.ref), evaluating(cal.model):
+                for t in ts: t.start()
+                for t in ts: t.join()
+        finally:
+            for h in hooks: h.remove()
+        if self.failed: raise self.failed[0]
+        return {n: self.built.get(n) for n in self.todo}
+
+@patch
+def blocks(self:Calibration, items:list)->dict:
+    "{name: data-aware block, or None (weight-only)} for `items` [(name, layer, method, rank)]; sequential: all of them in one lockstep pass"
+    if self.sequential: return _Lockstep(self, items)()
+    self.collect(kinds=[(n, stat_kind(l, m)) for n,l,m,_ in items])
+    return {n: self.build(n, l, m, r) for n,l,m,r in items}
+
+# %% ../nbs/04_calibrate.ipynb #c2e7d913
+def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
+    "The kernels (G×O×I×kh×kw) that the factor layers of `blk`, made from `layer`, multiply together"
+    G,O,I,kh,kw = kernel(layer).shape
+    w = [l.weight.detach().double().unflatten(0, (G, -1)) for l in blk]
+    if blk.method=='svd': return torch.einsum('gor,grihw->goihw', w[1].reshape(G, O, -1), w[0].reshape(G, -1, I, kh, kw))
+    if blk.method=='spatial': return torch.einsum('gorw,grih->goihw', w[1][...,0,:], w[0][...,0])
+    if blk.method=='cp': return cp_to_tensor([w[3].flatten(-3), w[0].flatten(-3).mT, w[1].flatten(-3).mT, w[2].flatten(-3).mT])
+    (ro,ri),ws = blk.rank, list(w)
+    first = ws.pop(0).flatten(-3) if ri < I else torch.eye(I, dtype=torch.float64, device=w[0].device).expand(G, I, I)
+    core = ws.pop(0)
+    last = ws.pop(0).flatten(-3) if ro < O else torch.eye(O, dtype=torch.float64, device=w[0].device).expand(G, O, O)
+    return torch.einsum('grshw,gor,gsi->goihw', core, last, first)
+
+@patch
+def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:list)->np.ndarray:
+    "Relative squared output error ‖(W−Ŵ)S‖²/‖WS‖² of `layer`'s data-aware `method` block at each of `ranks` on the calibration data (G = SSᵀ): exact for SVD, from the built factors otherwise"
+    st = self.collect(kinds=[(name, 'patch'), (name, stat_kind(layer, method))]).stats[(name, 'patch')]
+    if st.rows==0: return np.array([np.nan]*len(ranks))                  # no data reached it: no curve to go by
+    W = kernel(layer).flatten(-3).double()
+    if method=='svd': return output_errors(W, st.G, self.damp).square()[torch.tensor(ranks)].numpy()
+    S = gram_sqrt(st.G, self.damp)[0]
+    dt = torch.float64 if W.shape[-1] <= 1024 else torch.float32       # (O·n² a rank: float32 for the big ones)
+    WS,S = (W@S).to(dt),S.to(dt)
+    err = lambda r: ((WS - block_kernel(self.build(name, layer, method, r), layer).flatten(-3).to(dt)@S).square().sum()/WS.square().sum()).item()
+    return np.array([err(r) for r in ranks])
+
+@patch
+def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2)->float:
+    "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches"
+    new = copy.deepcopy(model)
+    for n,(m,r) in plan.items():
+        blk = self.build(n, self.ref_mods[n], m, r)
+        new.set_submodule(n, blk if blk is not None else _builder(self.ref_mods[n], m)(self.ref_mods[n], r))
+    with evaluating(new), evaluating(self.ref):
+        d = [(flat_outputs(self._forward(self.ref, x)), flat_outputs(self._forward(new, x))) for x in self.xs[:n_batches]]
+    y0,y = torch.cat([a for a,_ in d]), torch.cat([b for _,b in d])
+    return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()

@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/callback.html.md"""
 
 # %% ../nbs/05_callback.ipynb #bf5db4b6
 from __future__ import annotations
-import math, warnings, torch, pandas as pd
+import math, warnings, torch, torch.distributed as dist, pandas as pd
 from torch import nn, Tensor
 from fastcore.basics import patch, noop
 from fastai.callback.core import Callback
@@ -14,7 +14,8 @@ from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from .layers import Factorized, rank_option
 from torch.nn.parallel import DistributedDataParallel as DDP
-from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, select_layers, layer_names, unwrap
+from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, select_layers, layer_names, unwrap, AUTO
+from .calibrate import Calibration
 from .ranks import n_params, model_macs
 
 # %% auto #0
@@ -26,16 +27,17 @@ def model_costs(model:nn.Module, x:Tensor|None=None)->tuple[int,int|None]:
     return n_params(model), (None if x is None else model_macs(model, x))
 
 # %% ../nbs/05_callback.ipynb #78cf0148
-def dense_layers(model:nn.Module, layers=None, exclude=None)->dict:
-    "Names of the `nn.Linear` and `nn.Conv2d` layers of `model` left to decompose: in `layers` (all if None), not in `exclude`, not in a `Factorized` block, factorizable"
-    sel = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True)
+def dense_layers(model:nn.Module, layers=None, exclude=None, head:bool=False)->dict:
+    "Names of the `nn.Linear` and `nn.Conv2d` layers of `model` left to decompose: in `layers` (all if None), not in `exclude`, not in a `Factorized` block, factorizable, not the output layer unless `head`"
+    sel = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True, head=head)
     return {kind: [n for n,m in sel if isinstance(m, kind)] for kind in (nn.Linear, nn.Conv2d)}
 
-def decompose_dense(model:nn.Module, method:str='tucker', layers=None, exclude=None, sample=None, **opts)->tuple[nn.Module,pd.DataFrame]:
-    "`decompose_model` restricted to `dense_layers(model, layers, exclude)`: Linear by SVD, Conv2d by `method`, `Factorized` blocks left alone"
-    if not any(dense_layers(model, layers, exclude).values()):
-        raise ValueError("no nn.Linear or nn.Conv2d layer left to decompose" + (f" among layers={layers!r}" if layers else '') + " (layers already in a Factorized block are left alone)")
-    return decompose_model(model, method, sample, quiet=True, layers=layers, exclude=exclude, **opts)
+def decompose_dense(model:nn.Module, method:str='tucker', layers=None, exclude=None, sample=None, head:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
+    "`decompose_model` restricted to `dense_layers(model, layers, exclude, head)`: Linear by SVD, Conv2d by `method`, `Factorized` blocks left alone"
+    if not any(dense_layers(model, layers, exclude, head).values()):
+        raise ValueError("no nn.Linear or nn.Conv2d layer left to decompose" + (f" among layers={layers!r}" if layers else '') + " (layers already in a Factorized block are left alone"
+                         + ("; the output layer is kept unless head=True" if not head else '') + ")")
+    return decompose_model(model, method, sample, quiet=True, layers=layers, exclude=exclude, head=head, **opts)
 
 # %% ../nbs/05_callback.ipynb #a56fdfd7
 def _is_channels_last(model): return any(p.dim()==4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
@@ -77,7 +79,9 @@ def swap_model(self:Learner, model:nn.Module)->nn.Module:
     self.model = model = _rewrapped(old, model)
     if opt is None: return old
     try:
-        self.create_opt()  # fastai's own: opt_func on learn.splitter(model), do_wd/force_train marks on norm and bias parameters
+        self.model = unwrap(model)   # a splitter reads the model's structure (model.body, ...), not a DDP wrapper's: same parameters
+        try: self.create_opt()       # fastai's own: opt_func on learn.splitter(model), do_wd/force_train marks on norm and bias parameters
+        finally: self.model = model
         new = self.opt
         if len(new.param_lists) != len(opt.param_lists):
             raise ValueError(f"learn.splitter splits the new model into {len(new.param_lists)} parameter groups and the old one into {len(opt.param_lists)}; "
@@ -111,7 +115,8 @@ class DecomposeCallback(Callback):
         energy=None,          # share of squared singular values to keep
         layers=None,          # names of layers (or of modules holding them) to decompose, all by default; several stages: one list (or None) each
         exclude=None,         # names of layers (or of modules holding them) to leave as they are
-        calib=None,           # data-aware factorization passed to `decompose`: an object with `.prepare` and `.build`
+        calib=None,           # data-aware factors: True (a `Calibration` of `learn.dls.train` at the swap, as the model sees it), or a `Calibration`
+        head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
         verbose:bool=True,    # write one line in the progress output at each decomposition
     ):
         many = isinstance(start_epoch, (list, tuple))
@@ -122,12 +127,15 @@ class DecomposeCallback(Callback):
                 raise ValueError(f"with {len(self.starts)} stages (start_epoch={start_epoch!r}), pass layers= as one list of layer names (or None: all that is left) per stage, e.g. layers=[['head'], None]")
             self.layers = [layer_names(l) for l in layers]
         else: self.layers = [layer_names(layers)]
-        if method not in Conv_Decomposer.methods: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, Conv_Decomposer.methods))}")
+        if method not in Conv_Decomposer.methods+('auto',): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, Conv_Decomposer.methods+('auto',)))}")
         per_layer = isinstance(rank, dict) or any(callable(getattr(rank, f, None)) for f in ('ranks', 'plan'))
+        if method=='auto' and not per_layer: raise ValueError(AUTO)
+        if not (calib is None or calib is True or all(callable(getattr(calib, a, None)) for a in ('prepare', 'blocks'))):
+            raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
         opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
         if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
         self.exclude,self.opts = layer_names(exclude, 'exclude'),dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
-        self.method,self.calib,self.verbose,self.todo = method,calib,verbose,[]
+        self.method,self.calib,self.head,self.verbose,self.todo,self.calib_used = method,calib,head,verbose,[],None
         self.report,self.totals = pd.DataFrame(),pd.DataFrame()
 
     def before_fit(self):
@@ -136,7 +144,7 @@ class DecomposeCallback(Callback):
         if hasattr(self.learn, 'lr_finder') or not len(self.dls.train): return
         if isinstance(self.learn.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
         if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose")
-        left = [dense_layers(unwrap(self.model), l, self.exclude) for l in self.layers]
+        left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
         n_iter = len(self.dls.train)
         for i,(e,l) in enumerate(zip(self.starts, left)):
             at = e*n_iter if isinstance(e, int) else math.ceil(e*self.n_epoch*n_iter)
@@ -159,8 +167,11 @@ class DecomposeCallback(Callback):
     def _decompose(self, i):
         x = self.xb[0] if len(self.xb)==1 and isinstance(self.xb[0], Tensor) else None
         model = unwrap(self.model)   # under DDP (fastai's distrib_ctx): decompose the module, then wrap it anew
+        if model is not self.model and dist.is_initialized():   # every process calibrates the same model: rank 0's BatchNorm statistics
+            for b in model.buffers(): dist.broadcast(b, 0)
         p0,m0 = model_costs(model, x)
-        new,rep = decompose_dense(model, self.method, self.layers[i], self.exclude, x, calib=self.calib, **self.opts)   # (a budget plans on today's weights)
+        self.calib_used = Calibration(self.dls.train) if self.calib is True else self.calib   # drawn now: batches as the model sees them today
+        new,rep = decompose_dense(model, self.method, self.layers[i], self.exclude, x, self.head, calib=self.calib_used, **self.opts)   # (a budget plans on today's weights)
         t = report_totals(rep)
         if t['decomposed']: self.learn.swap_model(new)
         else: warnings.warn(f"DecomposeCallback: stage {i} decomposed no layer: none would be smaller at these ranks (see the notes in .report)")

@@ -17,9 +17,9 @@ from .layers import *
 from .layers import _src, _is_int
 
 # %% auto #0
-__all__ = ['PER_LAYER', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input', 'layer_shapes', 'layer_costs',
-           'skip_reason', 'under', 'unwrap', 'select_layers', 'layer_names', 'decompose_layers', 'report_totals',
-           'decompose_model']
+__all__ = ['HEAD_NOTE', 'PER_LAYER', 'AUTO', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input', 'layer_shapes',
+           'layer_costs', 'skip_reason', 'under', 'unwrap', 'output_layer', 'keeps_head', 'select_layers',
+           'layer_names', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/02_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -115,11 +115,24 @@ def unwrap(model:nn.Module)->nn.Module:
     "The model a DataParallel/DistributedDataParallel wraps, or `model`"
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
+def output_layer(model:nn.Module)->str|None:
+    "Name of `model`'s output layer: the last nn.Linear or nn.Conv2d it registers (None when there is none, or it is already decomposed)"
+    mods = dict(model.named_modules())
+    last = next((k for k in reversed(mods) if isinstance(mods[k], (nn.Linear, nn.Conv2d))), None)
+    return None if last is None or under(last, [k for k,m in mods.items() if isinstance(m, Factorized)]) else last
+
+HEAD_NOTE = "the model's output layer: kept (it costs the most accuracy for the least saving); pass head=True, or name it in layers=, to decompose it"
+
+def keeps_head(model:nn.Module, head:bool, layers=None)->str|None:
+    "The output layer that a whole-model walk leaves as it is: unless `head`, or `layers` names it"
+    return None if head or (out := output_layer(model)) in (layers or []) else out
+
 def select_layers(model:nn.Module,
                   kinds,              # the layer class, or a tuple of them
                   layers=None,        # names of layers, or of modules holding them, to take (all if None)
                   exclude=None,       # names of layers, or of modules holding them, to leave out
                   usable:bool=False,  # leave out, too, the layers that `skip_reason` keeps as they are
+                  head:bool=True,     # take the model's output layer too (False: leave it out unless `layers` names it)
                  )->list:
     "(name, layer) of the `kinds` layers of `model` in or under `layers`, not under `exclude` nor in a `Factorized` block"
     mods,kinds = dict(model.named_modules()),tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
@@ -129,15 +142,16 @@ def select_layers(model:nn.Module,
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kinds)][:3]}")
         if not any(under(k, [n]) and isinstance(m, kinds) for k,m in mods.items()):
             raise ValueError(f"{n!r} is a {type(mods[n]).__name__} with no {what} in it; pass names of {what} layers or of modules holding them")
-    done = [k for k,m in mods.items() if isinstance(m, Factorized)]   # already decomposed: its factors are left as they are
+    done,out = [k for k,m in mods.items() if isinstance(m, Factorized)],keeps_head(model, head, layers)   # already decomposed: its factors are left as they are
     return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or under(k, layers)) and not under(k, exclude)
-            and not under(k, done) and not (usable and skip_reason(k, m, mods))]
+            and not under(k, done) and k!=out and not (usable and skip_reason(k, m, mods))]
 
 # %% ../nbs/02_decompose.ipynb #b81cfcbd
-def _plan(rank, new, cands, sample=None):
+def _plan(rank, new, cands, sample=None, calib=None):
     "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
     if isinstance(rank, dict): return rank
-    kw = dict(sample=sample) if 'sample' in inspect.signature(rank.ranks).parameters else {}   # whole-model MAC budgets need it
+    ps = inspect.signature(rank.ranks).parameters
+    kw = {k: v for k,v in dict(sample=sample, calib=calib).items() if k in ps}   # whole-model MAC budgets need the sample; data-aware ones the calibration
     return rank.ranks(new, cands, **kw)
 
 def _at_most_full(v, layer, method, name=''):
@@ -175,7 +189,8 @@ def _check_model(model, call:str, kind:type|None=None, method:str='svd'):
         w = type(model).__name__
         raise ValueError(f"the model is wrapped in {w}; decompose model.module and wrap the result in a new {w} (DecomposeCallback does this for you)")
     if kind is not None and isinstance(model, kind):
-        raise ValueError(f"the model is itself a {kind.__name__}: decompose one layer with {'FC' if kind is nn.Linear else 'Conv'}_Decomposer().{PER_LAYER[method]}(layer, ...)")
+        lin = isinstance(model, nn.Linear)
+        raise ValueError(f"the model is itself a {type(model).__name__}: decompose one layer with {'FC' if lin else 'Conv'}_Decomposer().{PER_LAYER['svd' if lin else method]}(layer, ...)")
 
 def layer_names(v, what:str='layers')->list|None:
     "`v` (given as `what=`) as a list of layer names: one name may be given as a str; None stays None (all layers)"
@@ -192,56 +207,72 @@ def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
             if p is not None and id(p) in orig: m._parameters[k] = copy.deepcopy(p, memo)
     return new
 
-def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=None, exclude=None, sample=None, quiet=False,
-                     calib=None, **opts)->tuple[nn.Module,pd.DataFrame]:
-    "Decomposed copy of `model` with its `kind` layers factorized by `method`, and the report"
-    if method not in methods: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, methods))}")
-    _check_model(model, 'decompose', kind, method)
+def _check_calib(calib):
+    if calib is not None and not all(callable(getattr(calib, a, None)) for a in ('prepare', 'blocks')):
+        raise TypeError(f"calib= takes an object with .prepare(model, names) and .blocks([(name, layer, method, rank)]), e.g. Calibration(data); got {type(calib).__name__}")
+
+AUTO = "method='auto' lets a rank budget choose each layer's method: pass rank=Budget(params=...) (or macs=), or a {layer: (method, rank)} dict"
+
+def _layer_choice(n, m, meth, plan, opt, v, methods):
+    "(method, rank) for candidate layer `n` from the rank `plan` or the rank option `opt`=`v`; (None, note) where the plan leaves it"
+    if plan is None: return meth, layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n)
+    if plan.get(n) is None: return None, 'not in the rank plan'
+    if isinstance(plan[n], tuple) and isinstance(plan[n][0], str):   # (method, rank): this layer's own method
+        meth = 'svd' if isinstance(m, nn.Linear) else plan[n][0]
+        if meth not in methods: raise ValueError(f"{n}: unknown method {meth!r} in the rank plan; pass one of {', '.join(map(repr, methods))}")
+    elif meth=='auto': raise ValueError(f"{n}: the rank plan gives a rank but no method; {AUTO}")
+    return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
+
+def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, exclude=None, sample=None, quiet=False,
+                     calib=None, head:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
+    "Decomposed copy of `model` with its `kinds` layers (Linear, Conv2d or both) factorized, Conv2d by `method` (Linear and 1×1 by SVD), and the report"
+    kinds = tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
+    convs,what = nn.Conv2d in kinds,' or '.join(f'nn.{k.__name__}' for k in kinds)
     layers,exclude,rank = layer_names(layers),layer_names(exclude, 'exclude'),opts.get('rank')
     per_layer = isinstance(rank, dict) or callable(getattr(rank, 'ranks', None))
+    if method not in methods and not (method=='auto' and convs): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, tuple(methods) + ('auto',)*convs))}")
+    if method=='auto' and not per_layer: raise ValueError(AUTO)
+    _check_model(model, 'decompose', kinds, 'svd' if method=='auto' else method)
     if per_layer and (other := [k for k in RANK_OPTIONS[1:] if opts.get(k) is not None]):
         raise ValueError(f"got rank= (per layer) and {other[0]}= at once; pass only one of rank=, keep=, percent_removed=, energy=")
     if isinstance(rank, dict): _check_rank_dict(rank, dict(model.named_modules()))
-    if calib is not None and not all(callable(getattr(calib, a, None)) for a in ('prepare', 'build')):
-        raise TypeError(f"calib= takes an object with .prepare(model, names) and .build(name, layer, method, rank), e.g. Calibration(data); got {type(calib).__name__}")
+    _check_calib(calib)
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
     for n,m in model.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
-        if 'quantized' in type(m).__module__ and type(m).__name__==kind.__name__: check_layer(m, kind, n)
-    sel = select_layers(model, kind, layers, exclude)
+        if 'quantized' in type(m).__module__ and type(m).__name__ in [k.__name__ for k in kinds]: check_layer(m, nn.Linear if type(m).__name__=='Linear' else nn.Conv2d, n)
+    sel,out = select_layers(model, kinds, layers, exclude),keeps_head(model, head, layers)
     # a copy that shares the weights to factorize with `model` (they are read, then replaced); `_unshared` copies what is left
-    new = copy.deepcopy(model, {id(p): p for _,l in sel for p in l.parameters(recurse=False)})
+    new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if not todo:
         if any(isinstance(m, Factorized) for m in new.modules()):
-            warnings.warn("every layer of this kind is already decomposed; the model is returned as it was (decompose the original to change ranks)")
+            among = (f" among layers={layers!r}" if layers else '') + (f" outside exclude={exclude!r}" if exclude else '')
+            warnings.warn(f"every {what} layer{among} is already decomposed; the model is returned as it was (decompose the original to change ranks)")
             return new, _empty_report()
-        raise ValueError(f"no nn.{kind.__name__} layer to decompose in this model" + (" among layers=" + repr(layers) if layers else ''))
-    for n,m in todo: check_layer(m, kind, n)
+        raise ValueError(f"no {what} layer to decompose in this model" + (" among layers=" + repr(layers) if layers else ''))
+    for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
     shapes = layer_shapes(new, sample, [n for n,_ in todo]) if sample is not None else {}
     parents,rows,cands = dict(new.named_modules()),{},[]
     for n,m in todo:
         p0,m0 = layer_costs(m, shapes=shapes.get(n))
         rows[n] = dict(layer=n, source=_src(m), method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, note='')
-        if reason := skip_reason(n, m, parents): rows[n]['note'] = reason
-        else: cands.append((n, m, 'svd' if kind is nn.Conv2d and m.kernel_size==(1,1) else method, shapes.get(n)))
-    plan = _plan(rank, new, cands, sample) if per_layer else None
+        if reason := (HEAD_NOTE if n==out else skip_reason(n, m, parents)): rows[n]['note'] = reason
+        else: cands.append((n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)))
+    plan = _plan(rank, new, cands, sample, calib) if per_layer else None
     if opt=='rank': _check_model_rank(v, cands)
-    if calib is not None: calib.prepare(new, [c[0] for c in cands])
-    for n,m,meth,shp in (cands if quiet else progress_bar(cands, leave=False)):
-        row = rows[n]
-        if plan is not None and plan.get(n) is None: row['note'] = 'not in the rank plan'; continue
-        if plan is not None and isinstance(plan[n], tuple) and isinstance(plan[n][0], str):   # (method, rank): this layer's own method
-            meth = 'svd' if kind is nn.Linear else plan[n][0]
-            if meth not in methods: raise ValueError(f"{n}: unknown method {meth!r} in the rank plan; pass one of {', '.join(map(repr, methods))}")
-        r = layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n) if plan is not None else layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n)
+    items = []   # (name, layer, method, rank) of the layers that get a block
+    for n,m,meth,shp in cands:
+        meth,r = _layer_choice(n, m, meth, plan, opt, v, methods)
+        if meth is None: rows[n]['note'] = r; continue
         p1,m1 = layer_costs(m, meth, r, shp)
-        if p1 >= row['params'] and not (opt=='rank' and v=='full'):
-            row['note'] = f"rank {r} would keep {p1/row['params']:.0%} of the parameters"; continue
-        blk = calib.build(n, m, meth, r) if calib is not None else None
-        if blk is None: blk = (linear_svd if kind is nn.Linear else BUILDERS[meth])(m, r)
-        new.set_submodule(n, blk)
-        row.update(method=meth, rank=blk.rank, params_after=p1, macs_after=m1, note='1×1: SVD' if meth!=method else '')
+        if p1 >= rows[n]['params'] and not (opt=='rank' and v=='full'): rows[n]['note'] = f"rank {r} would keep {p1/rows[n]['params']:.0%} of the parameters"; continue
+        items.append((n, m, meth, r)); rows[n].update(method=meth, params_after=p1, macs_after=m1, note='1×1: SVD' if isinstance(m, nn.Conv2d) and meth!=method and method!='auto' else '')
+    if calib is not None: built = calib.prepare(new, [n for n,*_ in items]).blocks(items)
+    for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
+        blk = built.get(n) if calib is not None else None
+        new.set_submodule(n, blk := blk if blk is not None else (linear_svd if isinstance(m, nn.Linear) else BUILDERS[meth])(m, r))
+        rows[n]['rank'] = blk.rank
     report = pd.DataFrame(list(rows.values()))
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
     return _unshared(new, model), report
@@ -249,7 +280,7 @@ def decompose_layers(model:nn.Module, kind:type, method:str, methods, layers=Non
 # %% ../nbs/02_decompose.ipynb #e3b3a74e
 @patch
 def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
-              method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d
+              method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d, or 'auto' (a budget chooses)
               rank=None,            # an int or a pair (Tucker's (out, in)), capped at each layer's full rank; 'full' (exact); a {layer name: rank or (method, rank)} dict; or a budget with `.ranks(model, candidates)`
               keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
               percent_removed=None, # fraction of each layer's rank to remove
@@ -258,10 +289,11 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               exclude=None,         # names of layers (or of modules holding them) to leave as they are
               sample=None,          # an input batch (or its shape) to count multiply-adds with
               quiet:bool=False,     # hide the progress bar
-              calib=None,           # data-aware factorization: an object with `.prepare(model, names)` and `.build(name, layer, method, rank)`
+              calib=None,           # data-aware factors: a `Calibration` (an object with `.prepare(model, names)` and `.blocks(items)`)
+              head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
              )->nn.Module:
     "A copy of `model` with its layers decomposed; the report is kept in `self.report`"
-    new,self.report = decompose_layers(model, self.kind, method or self.methods[0], self.methods, layers, exclude, sample, quiet, calib,
+    new,self.report = decompose_layers(model, self.kind, method or self.methods[0], self.methods, layers, exclude, sample, quiet, calib, head,
                                        rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     return new
 
@@ -272,25 +304,15 @@ def report_totals(report:pd.DataFrame)->dict:
     if report['macs'].notna().all(): t.update({c: int(report[c].sum()) for c in ('macs','macs_after')})
     return dict(decomposed=int(report['method'].notna().sum()), of=len(report), **t)
 
-def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
-    "Decompose every Conv2d of `model` by `method` and every Linear by SVD: the new model and one report for both"
+def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:bool=False, calib=None, head:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
+    "Decompose every Conv2d of `model` by `method` and every Linear by SVD, in one walk (in forward order for sequential calibration): the new model and its report"
     _check_model(model, 'decompose_model')
-    mods,reports = dict(model.named_modules()),[]
+    mods = dict(model.named_modules())
     layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')
     for n in (layers or []) + (exclude or []):
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
+    if method=='auto' and not (isinstance(opts.get('rank'), dict) or callable(getattr(opts.get('rank'), 'plan', None))): raise ValueError(AUTO)
+    _check_calib(calib)
     if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
-        opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude)
-    done = [k for k,m in mods.items() if isinstance(m, Factorized)]
-    for d,meth in ((FC_Decomposer(),'svd'), (Conv_Decomposer(),method)):
-        has = lambda m: isinstance(m, d.kind) or type(m).__name__==d.kind.__name__   # quantized ones too, to say so
-        mine = lambda names: None if names is None else [n for n in names if any(has(m) for k,m in mods.items() if under(k, [n]))]   # the names holding this kind
-        ml,mx = mine(layers),mine(exclude)
-        if any(has(m) and (ml is None or under(k, ml)) and not under(k, mx) and not under(k, done) for k,m in mods.items()):
-            model = d.decompose(model, meth, sample=sample, quiet=quiet, layers=ml, exclude=mx, **opts)
-            reports.append(d.report)
-    if reports: return model, pd.concat(reports, ignore_index=True)
-    among = (f" among layers={layers!r}" if layers else '') + (f" outside exclude={exclude!r}" if exclude else '')
-    if not done: raise ValueError(f"no nn.Linear or nn.Conv2d layer to decompose in this model{among}")
-    warnings.warn(f"every layer{among} is already decomposed; the model is returned as it was (decompose the original to change ranks)")
-    return copy.deepcopy(model), _empty_report()
+        opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude, calib=calib, head=head)
+    return decompose_layers(model, (nn.Linear, nn.Conv2d), method, Conv_Decomposer.methods, layers, exclude, sample, quiet, calib, head, **opts)

@@ -11,9 +11,10 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'kernel_dtype', 'tucker2',
-           'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'svd_matrix', 'channel_svd',
-           'spatial_svd', 'full_ranks', 'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks',
-           'tucker_keep_ranks', 'conv_costs', 'linear_costs', 'keep_rank']
+           'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
+           'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'linear_rank',
+           'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs',
+           'linear_costs', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -150,6 +151,10 @@ def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
     G = G + ridge*G.diagonal(dim1=-2, dim2=-1).mean(-1)[...,None,None]*torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     return torch.cholesky_solve(M.mT, torch.linalg.cholesky(G)).mT
 
+def _geo_scales(ns:Tensor)->Tensor:
+    "Scales (K×…×R) that take the norms `ns` (K×…×R) of each component in K factors to their geometric mean (their product is 1); 1 where a norm is 0"
+    return torch.where((ns > 0).all(0), ns.log().mean(0).exp()/ns, 1.)
+
 _CP_SWEEPS = 2e8  # numel·rank·sweeps (a sweep costs ~2·numel·R multiply-adds) that a CP fit may spend before cutting sweeps down to 8
 
 def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
@@ -196,14 +201,45 @@ def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
         if prev is not None and err > prev:   # the extrapolation overshot: back to the last sweep's factors, plain ALS from there
             (a_o,a_i,a_h,a_w),G,step = fs,list(Gs),0.
             continue
-        ns = torch.stack([g.diagonal(dim1=-2, dim2=-1) for g in G]).clamp_min(1e-60).sqrt()   # rebalance: equal column norms in every factor
-        sc = [ns.log().mean(0).exp()/n for n in ns]
+        sc = _geo_scales(torch.stack([g.diagonal(dim1=-2, dim2=-1) for g in G]).sqrt())   # rebalance: equal column norms in every factor
         a_o,a_i,a_h,a_w = fs = [f*c[...,None,:] for f,c in zip((a_o,a_i,a_h,a_w), sc)]
         G = [g*c[...,:,None]*c[...,None,:] for g,c in zip(G, sc)]
         Gs = tuple(G)
         if prev is not None and prev-err <= tol*max(prev, 1e-12): break
         prev = err
     return fs
+
+# %% ../nbs/00_factorize.ipynb #b7a1c0e2
+def balance(A:Tensor, B:Tensor)->tuple[Tensor,Tensor]:
+    "A (…×m×r), B (…×r×n) with the same product, column i of A and row i of B both of norm √(‖aᵢ‖‖bᵢ‖); a component with a zero side is left as it is"
+    sa,sb = _geo_scales(torch.stack([A.norm(dim=-2), B.norm(dim=-1)]))
+    return A*sa[...,None,:], B*sb[...,:,None]
+
+def balance_cp(factors:list[Tensor])->list[Tensor]:
+    "CP factors (each …×d×R) with the same kernel, column r of every factor of norm the geometric mean of its norms over the factors; zero columns left"
+    return [f*s[...,None,:] for f,s in zip(factors, _geo_scales(torch.stack([f.norm(dim=-2) for f in factors])))]
+
+def balance_tucker(core:Tensor,      # …×r_o×r_i×kh×kw
+                   U_out:Tensor,     # …×O×r_o
+                   U_in:Tensor,      # …×I×r_i
+                   n_iter:int=30,    # most sweeps: 5 balance a random kernel's factors to 1e-7, 13 one with a few dominant channels
+                   tol:float=1e-7,   # stop once a sweep moves no scale by more than this
+                  )->tuple[Tensor,Tensor,Tensor]:
+    "core, U_out, U_in of the same kernel, input component j (U_in[:,j], core[:,j]) and output component i (U_out[:,i], core[i]) of equal norms in their two factors; a factor kept whole (r = its channels) is left as it is"
+    free_o,free_i = U_out.shape[-1] < U_out.shape[-2], U_in.shape[-1] < U_in.shape[-2]   # a whole factor is folded into the core: no layer
+    nrm = lambda t,*d: t.square().sum(d).sqrt()
+    def side(U, core, out):   # one mode's components: U's columns against the core's slices along r_o (`out`) or r_i
+        su,sc = _geo_scales(torch.stack([nrm(U,-2), nrm(core, -3 if out else -4, -2, -1)]))
+        return U*su[...,None,:], core*(sc[...,:,None,None,None] if out else sc[...,None,:,None,None]), (su-1).abs().max().item()
+    for _ in range(n_iter if free_o and free_i else 1):   # one mode free: one step is exact
+        moved = 0.
+        if free_o and free_i:   # the three factors' sizes first, exactly: the sweeps' slowest mode (each takes only 3/4 of it off)
+            so,sc,si = _geo_scales(torch.stack([nrm(U_out,-2,-1), nrm(core,-4,-3,-2,-1), nrm(U_in,-2,-1)]))
+            U_out,core,U_in = U_out*so[...,None,None], core*sc[...,None,None,None,None], U_in*si[...,None,None]
+        if free_i: U_in,core,m = side(U_in, core, False); moved = max(moved, m)
+        if free_o: U_out,core,m = side(U_out, core, True); moved = max(moved, m)
+        if moved <= tol: break
+    return core, U_out, U_in
 
 # %% ../nbs/00_factorize.ipynb #51d41ae4
 def svd_matrix(K:Tensor, method:str)->Tensor:
@@ -213,13 +249,13 @@ def svd_matrix(K:Tensor, method:str)->Tensor:
 def channel_svd(K:Tensor, rank:int)->tuple[Tensor,Tensor]:
     "First (…×r×I×kh×kw) and 1×1 second (…×O×r×1×1) kernels of K's channel SVD (Zhang et al. 2015)"
     O,I,kh,kw = K.shape[-4:]
-    A,B = svd_factors(svd_matrix(K, 'svd'), rank)
+    A,B = balance(*svd_factors(svd_matrix(K, 'svd'), rank))
     return B.unflatten(-1, (I,kh,kw)), A[...,None,None]
 
 def spatial_svd(K:Tensor, rank:int)->tuple[Tensor,Tensor]:
     "Vertical (…×r×I×kh×1) and horizontal (…×O×r×1×kw) kernels of K's spatial SVD (Jaderberg et al. 2014)"
     O,I,kh,kw = K.shape[-4:]
-    A,B = svd_factors(svd_matrix(K, 'spatial'), rank)
+    A,B = balance(*svd_factors(svd_matrix(K, 'spatial'), rank))
     return A.mT.unflatten(-1, (I,kh))[...,None], B.unflatten(-1, (O,kw)).movedim(-3,-2)[...,None,:]
 
 def full_ranks(shape)->dict:

@@ -127,12 +127,13 @@ def _shapes(model, cands, sample):
         have.update(layer_shapes(model, sample, [n for n,_,_,s in cands if s is None]))
     return have
 
-def _errors(layer, options)->list[float]:
-    "Relative weight error ‖K-K̂‖/‖K‖ of each (method, rank) option of `layer`"
+def _errors(layer, options, calib=None, name:str='')->list[float]:
+    "Relative error of each (method, rank) option of `layer`: of its weights ‖K-K̂‖/‖K‖, or with `calib` of its outputs on that data"
     K,out = kernel(layer), {}
     for meth in dict.fromkeys(m for m,_ in options):
         rs = [r for m,r in options if m==meth]
-        out.update({(meth, r): e for r,e in zip(rs, rank_errors(K, meth, rs).sqrt().tolist())})
+        e = torch.as_tensor(calib.rank_errors(name, layer, meth, rs)) if calib is not None else rank_errors(K, meth, rs)
+        out.update({(meth, r): v for r,v in zip(rs, e.sqrt().tolist())})
     return [out[o] for o in options]
 
 def _timed(timer, layer, options, shapes):
@@ -170,18 +171,19 @@ def choose(t0:float, times, errors, margin:float=0.05, tol:float=0.1)->int|None:
     return min((i for i in pays if errors[i] <= best*(1+tol) + 1e-12), key=lambda i: times[i])
 
 # %% ../nbs/06_latency.ipynb #b08b4ae7
-def _layer_rows(self, model, cands, sample):
+def _layer_rows(self, model, cands, sample, calib=None):
     shapes = _shapes(model, cands, sample if sample is not None else self.sample)
     for n,layer,meth,_ in cands:
         shp = shapes[n]
         p0,m0,opts,t0,ts = _timed(self.timer, layer, [o for m in _methods(layer, meth, self.methods) for o in keep_options(layer, m, self.keep, self.steps)], shp)
-        yield n, layer, shp, p0, m0, t0, opts, ts, _errors(layer, opts)
+        yield n, layer, shp, p0, m0, t0, opts, ts, _errors(layer, opts, calib, n)
 
 @patch
-def ranks(self:LatencyAware, model:nn.Module, candidates:list, sample=None)->dict:
+def ranks(self:LatencyAware, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] where a factorization is measured faster"
     plan,rows = {},[]
-    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, candidates, sample):
+    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
+    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, candidates, sample, calib):
         i = choose(t0, ts, errs, self.margin, self.tol)
         row = dict(layer=n, method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, ms=t0*1e3, ms_after=t0*1e3, error=0.)
         if i is None: row['note'] = f"kept: no option is faster (best {min(ts)/t0:.2f}× its time)" if ts else "kept: no smaller option"
@@ -339,7 +341,7 @@ def _options(layer, method, methods, fracs, round_to):
     return [(m, r) for m in _methods(layer, method, methods)
             for r in dict.fromkeys(round_rank(layer_rank(K, m, 'keep', f), round_to, full[m]) for f in fracs)]
 
-def _curves(self, model, cands, sample):
+def _curves(self, model, cands, sample, calib=None):
     shapes,curves = _shapes(model, cands, sample),[]
     for n,layer,meth,_ in cands:
         shp = shapes[n]
@@ -347,17 +349,18 @@ def _curves(self, model, cands, sample):
         keep = [i for i,t in enumerate(ts) if t < t0]   # an option no faster than the layer is never worth its error
         opts,ts = [opts[i] for i in keep],[ts[i] for i in keep]
         cost = [layer_costs(layer, *o, shp) for o in opts] + [(p0, m0)]
-        err = np.array([e*e for e in _errors(layer, opts)] + [0.])
+        err = np.array([e*e for e in _errors(layer, opts, calib, n)] + [0.])
         c = _LatencyCurve(n, layer, 'latency', opts+[None], np.array([p for p,_ in cost], float), np.array([m for _,m in cost], float), err)
         c.latency = np.array(ts + [t0])
         curves.append(c)
     return curves
 
 @patch
-def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None)->dict:
-    "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] that meets the latency budget"
+def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
+    "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] that meets the latency budget (errors on `calib`'s data where given)"
     sample = sample if sample is not None else self.sample
-    curves = _curves(self, model, candidates, sample)
+    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
+    curves = _curves(self, model, candidates, sample, calib)
     x = _batch_input(model, sample, self.timer.batch, self.timer.device, torch.contiguous_format)   # as callers feed it
     as_run = lambda m: (fold_bn(m) if self.fold else m).to(memory_format=self.timer.memory_format)
     given,dense = planned(model, {}), as_run(planned(model, {}))   # copies: the caller's model keeps its mode and format

@@ -13,7 +13,7 @@ from .factorize import *
 
 # %% auto #0
 __all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'factor_conv', 'shell',
-           'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp']
+           'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'component_norms']
 
 # %% ../nbs/01_layers.ipynb #62b375f1
 class Factorized(nn.Sequential):
@@ -130,8 +130,7 @@ def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
 # %% ../nbs/01_layers.ipynb #dcc91019
 def linear_svd(lin:nn.Linear, rank)->Factorized:
     "Two Linears, in→rank (no bias) and rank→out (the original bias), from the truncated SVD of `lin`'s weight"
-    A,B = svd_factors(lin.weight.detach(), rank)
-    return fill(shell(lin, 'svd', rank, init=False), B, A, bias=_bias(lin))
+    return conv_svd(lin, rank)   # a Linear is a 1×1 kernel: its channel SVD is the SVD of its weight
 
 def conv_svd(conv:nn.Conv2d, rank)->Factorized:
     "k×k conv with `rank` filters (per group) → 1×1 conv: channel SVD (Zhang et al. 2015)"
@@ -144,13 +143,22 @@ def conv_spatial(conv:nn.Conv2d, rank)->Factorized:
 def conv_tucker(conv:nn.Conv2d, rank)->Factorized:
     "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is left out"
     (ro,ri),K = rank, kernel(conv)
-    core,U_out,U_in = tucker2(K, rank)   # a mode kept whole comes back as an identity, the core in its original basis
+    core,U_out,U_in = balance_tucker(*tucker2(K, rank))   # a mode kept whole comes back as an identity (and stays one), the core in its original basis
     O,I = K.shape[1:3]
     return fill(shell(conv, 'tucker', rank, init=False), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
 
 def conv_cp(conv:nn.Conv2d, rank)->Factorized:
     "1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 convs from the CP decomposition of the kernel (Lebedev et al. 2014)"
-    a_out,a_in,a_h,a_w = cp(kernel(conv), rank)
+    a_out,a_in,a_h,a_w = balance_cp(cp(kernel(conv), rank))
     return fill(shell(conv, 'cp', a_out.shape[-1], init=False), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
 
 BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_cp)
+
+# %% ../nbs/01_layers.ipynb #c4e9a7d1
+def component_norms(block:Factorized)->list[Tensor]:
+    "Norms (factors × G × r) of each rank component in the factor layers of `block` that hold it: one stack, or one for each Tucker-2 mode that has a layer"
+    w,G = [l.weight.detach() for l in block], getattr(block[-1], 'groups', 1)
+    first = lambda t: t.unflatten(0, (G,-1)).flatten(2).norm(dim=-1)                 # component i: filter (output channel) i
+    last = lambda t: t.unflatten(0, (G,-1)).transpose(1,2).flatten(2).norm(dim=-1)   # component i: input channel i
+    if block.method=='tucker': return [torch.stack([first(a), last(b)]) for a,b in zip(w, w[1:])]   # 1×1 → core, core → 1×1
+    return [torch.stack([*map(first, w[:-1]), last(w[-1])])]

@@ -15,9 +15,9 @@ from .layers import *
 from .decompose import *
 
 # %% auto #0
-__all__ = ['evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves', 'allocate',
-           'build_block', 'layer_sensitivity', 'candidates', 'model_macs', 'n_params', 'Budget', 'model_totals',
-           'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep']
+__all__ = ['AUTO_METHODS', 'FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve',
+           'layer_curves', 'allocate', 'curve_plan', 'uniform_pick', 'candidates', 'model_macs', 'n_params', 'Budget',
+           'model_totals', 'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep']
 
 # %% ../nbs/03_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -123,30 +123,48 @@ class Curve:
         return self.params if by=='params' else self.macs
     def __repr__(self): return f"Curve({self.name!r}, {self.method}, {len(self.ranks)-1} ranks)"
 
-def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int=1, res:int=64)->Curve|None:
-    "The options of `layer` for `method` (None when no rank of it is cheaper than the layer)"
+AUTO_METHODS = ('svd', 'spatial', 'tucker', 'cp')   # what method='auto' chooses among, for each k×k convolution
+FRACTIONS = tuple(np.geomspace(0.02, 0.95, 24).round(4)) # the parameter fractions a data-aware curve is fitted at (but SVD's: exact at every rank)
+
+def _fraction_ranks(layer:nn.Module, method:str, round_to:int=1)->list:
+    "One rank for each of `FRACTIONS` of `layer`'s parameters (Tucker: its best (out, in) split), rounded up to multiples of `round_to`"
+    K = kernel(layer)
+    full = full_ranks(K.shape)[method]
+    up = lambda r,f: min(f, round_to*math.ceil(r/round_to))
+    rs = [layer_rank(K, method, 'keep', float(f)) for f in (FRACTIONS[::3] if method=='cp' else FRACTIONS)]   # (CP: an ALS each, 8 of them)
+    return list(dict.fromkeys(tuple(map(up, r, full)) if method=='tucker' else up(r, full) for r in rs))
+
+def _merged(name, layer, curves:list)->Curve|None:
+    "One curve with the options of several methods' `curves` for the same layer: its ranks are (method, rank) pairs"
+    if not curves: return None
+    cat = lambda a: np.concatenate([getattr(c, a)[:-1] for c in curves] + [getattr(curves[0], a)[-1:]])
+    return Curve(name, layer, 'auto', [(c.method, r) for c in curves for r in c.ranks[:-1]] + [None], cat('params'),
+                 cat('macs') if curves[0].macs is not None else None, cat('err'))
+
+def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int=1, res:int=64, calib=None)->Curve|None:
+    "The options of `layer` for `method` ('auto': every method's), with weight errors or, given `calib`, output errors on its data (None when no rank is cheaper than the layer)"
+    if method=='auto': return _merged(name, layer, [c for m in AUTO_METHODS if (c := layer_curve(name, layer, m, shapes, round_to, res, calib)) is not None])
     K = kernel(layer)
     full = full_ranks(K.shape)[method]
     p0,m0 = layer_costs(layer, shapes=shapes)
-    if method=='tucker':
-        ranks = [(a,b) for a in rank_grid(full[0], round_to, res) for b in rank_grid(full[1], round_to, res)]
-        r = tuple(torch.tensor(ranks).T) if ranks else None
+    if calib is not None and method!='svd': ranks = _fraction_ranks(layer, method, round_to)   # each a data-aware fit: a few dozen
+    elif method=='tucker': ranks = [(a,b) for a in rank_grid(full[0], round_to, res) for b in rank_grid(full[1], round_to, res)]
     else:
         per_rank = layer_costs(layer, method, 1)[0]       # linear in the rank: look no higher than the layer's own size
         ranks = rank_grid(min(full, math.ceil(p0/per_rank)), round_to, 16*res)
-        r = torch.tensor(ranks)
     if not ranks: return None
-    p,m = layer_costs(layer, method, r, shapes)
+    p,m = layer_costs(layer, method, tuple(torch.tensor(ranks).T) if method=='tucker' else torch.tensor(ranks), shapes)
     ok = (p < p0) & (m < m0) if shapes else p < p0
     if not ok.any(): return None
     ranks = [x for x,k in zip(ranks, ok.tolist()) if k]
-    err = rank_errors(K, method, ranks).numpy()
+    err = calib.rank_errors(name, layer, method, ranks) if calib is not None else None
+    if err is None or np.isnan(err).any(): err = rank_errors(K, method, ranks).numpy()   # (no data reached the layer: its weights decide)
     cat = lambda v,v0: np.append(v[ok].double().numpy(), v0)
     return Curve(name, layer, method, ranks+[None], cat(p,p0), cat(m,m0) if shapes else None, np.append(err, 0.))
 
-def layer_curves(candidates:list, round_to:int=1, res:int=64)->list[Curve]:
+def layer_curves(candidates:list, round_to:int=1, res:int=64, calib=None)->list[Curve]:
     "A `Curve` for each of `candidates` [(name, layer, method, shapes)] that some rank makes cheaper"
-    return [c for n,l,m,s in candidates if (c := layer_curve(n, l, m, s, round_to, res)) is not None]
+    return [c for n,l,m,s in candidates if (c := layer_curve(n, l, m, s, round_to, res, calib)) is not None]
 
 # %% ../nbs/03_ranks.ipynb #ef9f6e82
 def _hull(cost:np.ndarray, err:np.ndarray)->list[int]:
@@ -233,43 +251,33 @@ def allocate(curves:list[Curve], limit:float, by:str='params', alloc:str='greedy
     return _fill(costs, errs, (_greedy if alloc=='greedy' else _minmax)(costs, errs, limit), limit)
 
 # %% ../nbs/03_ranks.ipynb #7ee8651a
-def _batches(data, n:int=4)->list[Tensor]:
-    "Up to `n` input batches from a tensor, a list of them, or a DataLoader of (x, y) tuples"
-    if isinstance(data, Tensor): return [data]
-    out = []
-    for b in data:
-        out.append(b[0] if isinstance(b, (tuple, list)) else b)
-        if len(out) >= n: break
-    return out
+def _option(c:Curve, j:int):
+    "Option `j` of curve `c` as (method, rank), or None: the layer as it is"
+    r = c.ranks[j]
+    return r if r is None or c.method=='auto' else (c.method, r)
 
-def _flat(y)->Tensor: return y.flatten() if isinstance(y, Tensor) else torch.cat([_flat(t) for t in (y.values() if isinstance(y, dict) else y)])
+def curve_plan(curves:list[Curve], pick:list[int])->dict:
+    "{layer name: (method, rank)} for the options `pick` of `curves`; the layers kept as they are are not in it"
+    return {c.name: o for c,j in zip(curves, pick) if (o := _option(c, j)) is not None}
 
-def build_block(layer:nn.Module, method:str, rank)->Factorized:
-    "`layer` factorized by `method` at `rank`"
-    return linear_svd(layer, rank) if isinstance(layer, nn.Linear) else BUILDERS[method](layer, rank)
-
-def layer_sensitivity(model:nn.Module, curves:list[Curve], data, probes=(0.05, 0.15, 0.3, 0.6), n_batches:int=4)->None:
-    "Weight each curve's options by the output error per unit of weight error, measured on `data` with only that layer decomposed"
-    xs = _batches(data, n_batches)
-    p = next(model.parameters())
-    xs = [x.to(p.device) for x in xs]
-    with evaluating(model), torch.no_grad():
-        y0 = torch.cat([_flat(model(x)) for x in xs])
+def uniform_pick(curves:list[Curve], limit:float, by:str='params', method:str|None=None)->list[int]|None:
+    "Every layer at the same fraction of its `by` cost (by `method` where a layer can choose), the largest fraction whose total fits in `limit`; None if none does"
+    def at(f):
+        pick = []
         for c in curves:
-            h = [j for j in _hull(c.params, c.err) if c.ranks[j] is not None and c.err[j] > 1e-12]
-            es,rho = [],[]
-            for j in sorted({min(h, key=lambda j: abs(c.params[j]/c.params[-1]-f)) for f in probes} if h else [], key=lambda j: c.err[j]):
-                model.set_submodule(c.name, build_block(c.layer, c.method, c.ranks[j]))
-                try: y = torch.cat([_flat(model(x)) for x in xs])
-                finally: model.set_submodule(c.name, c.layer)
-                es.append(c.err[j]); rho.append(((y-y0).square().sum()/y0.square().sum().clamp_min(1e-30)).item()/c.err[j])
-            if rho: c.weight = c.weight*np.interp(c.err, es, rho)
+            cost = c.cost(by)
+            js = [j for j in range(len(c.ranks)-1) if method is None or c.method!='auto' or c.ranks[j][0]==method] or [len(c.ranks)-1]
+            fit = [j for j in js if cost[j] <= f*cost[-1]]
+            pick.append(max(fit, key=cost.__getitem__) if fit else min(js, key=cost.__getitem__))
+        return pick
+    total = lambda p: sum(c.cost(by)[j] for c,j in zip(curves, p))
+    return next((p for p in map(at, np.linspace(1, 0, 201)) if total(p) <= limit), None)
 
 # %% ../nbs/03_ranks.ipynb #8d72047a
-def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None)->list:
+def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False)->list:
     "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
-    if method not in ('tucker','cp','svd','spatial'): raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd' or 'spatial'")
-    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True)
+    if method not in ('auto',)+AUTO_METHODS: raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd', 'spatial' or 'auto'")
+    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True, head=head)
     for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
     shapes = layer_shapes(model, sample, [n for n,_ in todo]) if sample is not None else {}
     return [(n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)) for n,m in todo]
@@ -289,18 +297,21 @@ class Budget:
                  macs:float|None=None,      # fraction of the whole model's multiply-adds to keep (needs `sample=`)
                  round_to:int=1,            # ranks are multiples of it (8, say, for efficient kernels)
                  alloc:str='greedy',        # 'greedy': least Σ weighted error; 'minmax': least largest weighted error (ALDS)
-                 sensitivity=None,          # calibration batches (tensor, list, DataLoader): weight each layer's error by its effect on the output
+                 calib=None,                # a `Calibration`: each layer's errors are its output errors on that data, and the plan is checked end to end
                  sample=None,               # a batch (or its shape) to count the whole model's MACs with
                  weights:dict|None=None,    # {layer or module name: multiplier} on the errors of the layers in it
-                 res:int=64):               # Tucker grids have at most `res` ranks per mode
+                 res:int=64,                # Tucker grids have at most `res` ranks per mode
+                 sensitivity=None):         # replaced by `calib=`
+        if sensitivity is not None: raise TypeError("Budget(sensitivity=) is replaced by calib=Calibration(data): the budget then spends on each layer's output error on that data, exactly where it can")
         given = {k:v for k,v in dict(params=params, macs=macs).items() if v is not None}
         if len(given)!=1: raise ValueError(f"pass one of params= or macs= (the fraction of the whole model to keep), got {len(given)}")
         (self.by,self.keep), = given.items()
         if not isinstance(self.keep, (int,float)) or not 0 < self.keep <= 1: raise ValueError(f"{self.by}={self.keep!r} is outside (0, 1]; pass the fraction of the model to keep, e.g. {self.by}=0.5")
         if not (isinstance(round_to, int) and round_to >= 1): raise ValueError(f"round_to={round_to!r}: pass a positive int")
         if alloc not in ('greedy','minmax'): raise ValueError(f"unknown alloc={alloc!r}; pass 'greedy' or 'minmax'")
-        store_attr('round_to,alloc,sensitivity,sample,weights,res')
-        self.report,self.achieved = None,None
+        if isinstance(self.keep, bool): raise ValueError(f"{self.by}={self.keep!r} is not a fraction; pass a number in (0, 1], e.g. {self.by}=0.5")
+        store_attr('round_to,alloc,calib,sample,weights,res')
+        self.report,self.achieved,self.checked = None,None,None
 
     def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to>1 else '') + ')'
 
@@ -321,32 +332,48 @@ def _weigh(curves, weights):
 
 # %% ../nbs/03_ranks.ipynb #58180223
 @patch
-def ranks(self:Budget, model:nn.Module, candidates:list, sample=None)->dict:
-    "{layer name: rank} for the `candidates` [(name, layer, method, shapes)] of `model` that meets the budget"
-    sample = sample if sample is not None else self.sample
-    curves = layer_curves(candidates, self.round_to, self.res)
+def _check(self:Budget, model:nn.Module, curves:list[Curve], pick:list, limit:float, calib)->list:
+    "Of this allocation, the other rule's and the uniform ones at the same total, the plan with the least output error of the whole model on the calibration data"
+    picks = {self.alloc: pick}
+    for a in ('greedy', 'minmax'): picks.setdefault(a, allocate(curves, limit, self.by, a))
+    for m in dict.fromkeys(c.ranks[j][0] for c in curves if c.method=='auto' for j in range(len(c.ranks)-1)) or [None]:
+        if (u := uniform_pick(curves, limit, self.by, m)) is not None: picks['uniform' + (f' {m}' if m else '')] = u
+    seen = {}
+    for k,p in picks.items(): seen.setdefault(tuple(p), k)             # each distinct plan once
+    self.checked = {k: calib.plan_error(model, curve_plan(curves, list(p))) for p,k in seen.items()}
+    self.chosen = min(self.checked, key=self.checked.get)
+    return picks[self.chosen]
+
+@patch
+def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
+    "{layer name: rank, or (method, rank) for method='auto'} for the `candidates` [(name, layer, method, shapes)] of `model` that meets the budget"
+    sample,calib = sample if sample is not None else self.sample, calib if calib is not None else self.calib
+    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
+    curves = layer_curves(candidates, self.round_to, self.res, calib)
     total,fixed = model_totals(model, candidates, curves, self.by, sample)
-    if self.sensitivity is not None: layer_sensitivity(model, curves, self.sensitivity)
     _weigh(curves, self.weights)
     least = (fixed + sum(c.cost(self.by).min() for c in curves))/total
     if least > self.keep: raise ValueError(f"{self!r} cannot be met: with every decomposable layer at its smallest rank the model keeps {least:.1%} of its {self.by}; "
                                            f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
-    pick = allocate(curves, self.keep*total - fixed, self.by, self.alloc)
+    limit = self.keep*total - fixed
+    pick = allocate(curves, limit, self.by, self.alloc)
+    self.checked = self.chosen = None
+    if calib is not None: pick = self._check(model, curves, pick, limit, calib)
     after = fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick))
     self.achieved = after/total
     rows = {n: dict(layer=n, method=m, rank=None, cost=None, cost_after=None, error=None, weight=None, note='no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if self.round_to > 1 else '')) for n,_,m,_ in candidates}
     for c,j in zip(curves, pick):
-        cost = c.cost(self.by)
-        rows[c.name].update(rank=c.ranks[j], cost=cost[-1], cost_after=cost[j], error=math.sqrt(c.err[j]), weight=float(np.broadcast_to(c.weight, c.err.shape)[j]),
-                            note='' if c.ranks[j] is not None else 'kept: cheaper to lose error elsewhere')
+        cost,o = c.cost(self.by),_option(c, j)
+        rows[c.name].update(method=o[0] if o else c.method, rank=o[1] if o else None, cost=cost[-1], cost_after=cost[j], error=math.sqrt(c.err[j]),
+                            weight=float(np.broadcast_to(c.weight, c.err.shape)[j]), note='' if o is not None else 'kept: cheaper to lose error elsewhere')
     self.report = pd.DataFrame(list(rows.values()))
     return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
 
 @patch
-def plan(self:Budget, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None)->dict:
-    "{layer name: rank} for every Linear and Conv2d of `model`: pass it as `rank=` to `decompose_model` or a decomposer"
+def plan(self:Budget, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, calib=None, head:bool=False)->dict:
+    "{layer name: rank} for every Linear and Conv2d of `model` (but its output layer, unless `head`): pass it as `rank=` to `decompose_model` or a decomposer"
     sample = sample if sample is not None else self.sample
-    return self.ranks(model, candidates(model, method, sample, layers, exclude), sample)
+    return self.ranks(model, candidates(model, method, sample, layers, exclude, head), sample, calib)
 
 # %% ../nbs/03_ranks.ipynb #257d8060
 def _block(name:str, depth:int)->str: return '.'.join(name.split('.')[:depth])
@@ -363,16 +390,16 @@ def search_ranks(model:nn.Module,
                  depth:int=1,                 # blocks: the first `depth` parts of the layer names
                  seed:int=0,
                  sampler:str='tpe',           # 'tpe' or 'nsga2'
-                 sensitivity=None,            # calibration batches for the base weights (see `Budget`)
+                 calib=None,                  # a `Calibration`: the curves are output errors on its data (see `Budget`)
                  round_to:int=1, res:int=32)->pd.DataFrame:
     "Pareto front of accuracy against `by` over budget allocations: an Optuna study around the greedy allocation"
     import optuna
     if by not in ('macs','params'): raise ValueError(f"by={by!r}: pass 'macs' or 'params'")
     if by=='macs' and sample is None: raise ValueError("a search against MACs needs sample= (a batch or its shape); or pass by='params'")
     cands = candidates(model, method, sample)
-    curves = layer_curves(cands, round_to, res)
+    if calib is not None: calib.prepare(model, [n for n,*_ in cands])
+    curves = layer_curves(cands, round_to, res, calib)
     total,fixed = model_totals(model, cands, curves, by, sample)
-    if sensitivity is not None: layer_sensitivity(model, curves, sensitivity)
     base = [c.weight for c in curves]
     blocks = list(dict.fromkeys(_block(c.name, depth) for c in curves))
     least = (fixed + sum(c.cost(by).min() for c in curves))/total
@@ -385,7 +412,7 @@ def search_ranks(model:nn.Module,
         for c,w in zip(curves, base): c.weight = w*mult[_block(c.name, depth)]
         pick = allocate(curves, f*total - fixed, by)
         plans[trial.number] = plan = {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
-        new,_ = decompose_model(model, method, rank=plan, quiet=True)
+        new,_ = decompose_model(model, method, rank=plan, quiet=True, calib=calib)
         if finetune is not None: finetune(new)
         cost = (fixed + sum(c.cost(by)[j] for c,j in zip(curves, pick)))/total
         trial.set_user_attr('params', n_params(new)/n_params(model)); trial.set_user_attr(by, cost)

@@ -15,7 +15,7 @@ from fasterai_lr.export import decomposition_plan, apply_plan, save_decomposed, 
 def net()->nn.Module:
     return nn.Sequential(OrderedDict(features=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()),
                                      pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(16, 4)))
-def small()->nn.Module: return decompose_model(net(), 'tucker', rank='full', quiet=True)[0]
+def small()->nn.Module: return decompose_model(net(), 'tucker', rank='full', head=True, quiet=True)[0]
 def plan()->dict: return decomposition_plan(small())
 def x(): return torch.randn(2, 3, 8, 8)
 def meta_net():
@@ -55,6 +55,15 @@ def fresh_file(tmp, what):
 def calib(data):
     from fasterai_lr.calibrate import Calibration
     return Calibration(data)
+
+class OldCalib:
+    "The calib= protocol before `.blocks`: `.prepare(model, names)` and `.build(name, layer, method, rank)` per layer"
+    def prepare(self, model, names): return self
+    def build(self, name, layer, method, rank): return None
+
+def budget(**kw):
+    from fasterai_lr.ranks import Budget
+    return Budget(**kw)
 
 def callback(**kw):
     from fasterai_lr.callback import DecomposeCallback
@@ -106,6 +115,13 @@ CASES = [
     ('rank-dict-float', net, lambda m, t: Conv_Decomposer().decompose(m, 'svd', rank={'features.2': 2.5}, quiet=True), ValueError, 'is not a rank'),
     ('rank-dict-and-keep', net, lambda m, t: Conv_Decomposer().decompose(m, rank={'features.2': 2}, keep=0.5, quiet=True), ValueError, 'pass only one of'),
     ('calib-without-prepare', net, lambda m, t: Conv_Decomposer().decompose(m, calib=object(), quiet=True), TypeError, 'calib='),
+    ('calib-old-build-protocol', net, lambda m, t: decompose_model(m, calib=OldCalib(), quiet=True), TypeError, 'calib= takes an object with .prepare(model, names) and .blocks('),
+    # method='auto': a budget (or a {layer: (method, rank)} plan) chooses each layer's method
+    ('auto-without-budget', net, lambda m, t: decompose_model(m, 'auto', keep=0.5, quiet=True), ValueError, "method='auto' lets a rank budget choose"),
+    ('auto-Conv-without-budget', net, lambda m, t: Conv_Decomposer().decompose(m, 'auto', rank=2, quiet=True), ValueError, "method='auto' lets a rank budget choose"),
+    ('auto-plan-without-method', net, lambda m, t: decompose_model(m, 'auto', rank={'features.2': 3}, quiet=True), ValueError, 'features.2: the rank plan gives a rank but no method'),
+    ('auto-FC', net, lambda m, t: FC_Decomposer().decompose(m, 'auto', rank={'head': ('svd', 2)}, quiet=True), ValueError, "unknown method 'auto'"),
+    ('budget-sensitivity', net, lambda m, t: budget(params=0.5, sensitivity=x()), TypeError, 'Budget(sensitivity=) is replaced by calib=Calibration(data)'),
     # calibration data
     ('calib-empty', net, lambda m, t: Conv_Decomposer().decompose(m, calib=calib([]), quiet=True), ValueError, 'the calibration data gave no batch'),
     ('calib-not-tensors', net, lambda m, t: Conv_Decomposer().decompose(m, calib=calib(['a', 'b']), quiet=True), TypeError, 'calibration batches must be tensors'),
@@ -117,6 +133,8 @@ CASES = [
     ('callback-cp-energy', lambda: None, lambda m, t: callback(method='cp', energy=0.9), ValueError, 'energy= is not defined for CP'),
     ('callback-negative-start', lambda: None, lambda m, t: callback(start_epoch=-1), ValueError, 'start_epoch=-1 is not an epoch'),
     ('callback-stages-without-layers', lambda: None, lambda m, t: callback(start_epoch=[1, 2]), ValueError, 'pass layers= as one list of layer names'),
+    ('callback-auto-without-budget', lambda: None, lambda m, t: callback(method='auto', keep=0.5), ValueError, "method='auto' lets a rank budget choose"),
+    ('callback-calib-old-protocol', lambda: None, lambda m, t: callback(calib=OldCalib()), TypeError, 'pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)'),
 ]
 
 PARAMS = [pytest.param(*c[1:], id=c[0]) for c in CASES]
@@ -163,10 +181,10 @@ def test_start_epoch_beyond_the_run():
 
 def test_second_decompose_is_a_no_op_with_a_message():
     "Factorized blocks are left as they are (decomposing their factors again would compound the truncation), with a warning"
-    once = decompose_model(net(), 'tucker', keep=0.5, quiet=True)[0]
+    once = decompose_model(net(), 'tucker', keep=0.5, head=True, quiet=True)[0]   # every layer, the output layer too
     before = snapshot(once)
     with pytest.warns(UserWarning, match='already decomposed; the model is returned as it was'):
-        twice,rep = decompose_model(once, 'cp', keep=0.25, quiet=True)
+        twice,rep = decompose_model(once, 'cp', keep=0.25, head=True, quiet=True)
     nested = [n for n,m in twice.named_modules() if isinstance(m, Factorized) and any(isinstance(c, Factorized) for c in m.modules() if c is not m)]
     assert not nested, f"blocks decomposed again: {nested}"
     xx = x()
@@ -177,7 +195,7 @@ def test_second_decompose_takes_the_rest():
     "A model decomposed in part: a second decompose takes the layers left, and leaves the blocks"
     part = Conv_Decomposer().decompose(net(), 'svd', layers=['features.0'], keep=0.5, quiet=True)
     blk = part.features[0]
-    new,rep = decompose_model(part, 'tucker', keep=0.5, quiet=True)
+    new,rep = decompose_model(part, 'tucker', keep=0.5, head=True, quiet=True)
     assert new.features[0][0].weight.data_ptr()!=blk[0].weight.data_ptr() and repr(new.features[0])==repr(blk), "the block should be kept as it was (in the copy)"
     assert isinstance(new.features[2], Factorized) and new.features[2].method=='tucker' and isinstance(new.head, Factorized), rep[['layer', 'method', 'note']]
     assert 'features.0' not in set(rep['layer']) and 'features.0.0' not in set(rep['layer']), f"the block's factors were candidates: {list(rep['layer'])}"

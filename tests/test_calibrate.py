@@ -30,7 +30,7 @@ def test_linear_error_is_whitened_tail(m, n, r):
     xs = list(correlated(600, n).split(100))
     model = nn.Sequential(nn.Linear(n, m)).double()
     cal = Calibration(xs, damp=0)
-    new = FC_Decomposer().decompose(model, rank=r, quiet=True, calib=cal)
+    new = FC_Decomposer().decompose(model, rank=r, head=True, quiet=True, calib=cal)   # (the one Linear is the output layer)
     W = model[0].weight
     X = torch.cat(xs)
     Wh = new[0][1].weight @ new[0][0].weight
@@ -154,8 +154,8 @@ def test_whole_model_report_unchanged():
     xs = [smooth(4, 3, 12, seed=s, dtype=torch.float32) for s in range(2)]
     d = Conv_Decomposer()
     for method in ('tucker', 'cp'):
-        w = d.decompose(model, method, keep=0.3, quiet=True); rw = d.report
-        c = d.decompose(model, method, keep=0.3, quiet=True, calib=Calibration(xs)); rc = d.report
+        w = d.decompose(model, method, keep=0.3, head=True, quiet=True); rw = d.report   # (head=True: the padding_mode='replicate' conv is the output layer)
+        c = d.decompose(model, method, keep=0.3, head=True, quiet=True, calib=Calibration(xs)); rc = d.report
         assert rw.drop(columns='note').equals(rc.drop(columns='note')), f"{method}: reports differ"
         assert [p.shape for p in w.parameters()]==[p.shape for p in c.parameters()]
 

@@ -98,29 +98,40 @@ class Fixed:
 
 class Planner:
     "A whole-model budget: `.plan(model, method, ...)`, called once at the swap"
-    def plan(self, model, method, sample=None, layers=None, exclude=None):
-        self.seen = (method, sample.shape, layers, exclude)
+    def plan(self, model, method, sample=None, layers=None, exclude=None, calib=None, head=False):
+        self.seen = (method, sample.shape, layers, exclude, calib, head)
         return {'body.2.0': (4, 4), 'head.2': 3}
 
 class Calib:
-    "Data-aware factors: `.prepare(model, names)`, `.build(name, layer, method, rank)` (None: the weight-only block)"
+    "Data-aware factors: `.prepare(model, names)`, then `.blocks([(name, layer, method, rank)])` → {name: block, or None: the weight-only block}"
     def __init__(self): self.built = []
-    def prepare(self, model, names): self.names = names
-    def build(self, name, layer, method, rank): self.built.append(name)
+    def prepare(self, model, names): self.names = list(names); return self
+    def blocks(self, items):
+        self.built += [n for n,*_ in items]
+        return {n: None for n,*_ in items}
 
 @pytest.mark.parametrize('case', ['dict', 'ranks', 'plan', 'calib'])
 def test_extension_points(dls, case):
-    opts = dict(dict=dict(rank={'body.1.0': (3, 3)}), ranks=dict(rank=Fixed()), plan=dict(rank=(planner := Planner())),
+    opts = dict(dict=dict(rank={'body.1.0': (3, 3)}), ranks=dict(rank=Fixed()), plan=dict(rank=(planner := Planner()), head=True),
                 calib=dict(keep=0.5, calib=(calib := Calib())))[case]
     learn = learner(dls)
     fit(learn, 2, 1e-3, cbs=[cb := DecomposeCallback(1, exclude=['body.3'], verbose=False, **opts), probe := Probe()])
     check_swaps(probe, case=case)
     done = cb.report.dropna(subset=['method']).set_index('layer')['rank'].to_dict()
-    want = dict(dict={'body.1.0': (3, 3)}, ranks={'head.2': 2, 'body.1.0': (2, 2), 'body.2.0': (2, 2)},
+    want = dict(dict={'body.1.0': (3, 3)}, ranks={'body.1.0': (2, 2), 'body.2.0': (2, 2)},   # (the output layer head.2 is kept: no candidate)
                 plan={'body.2.0': (4, 4), 'head.2': 3}, calib=None)[case]
     if want is not None: assert done == want, f"{case}: decomposed {done}, expected {want}"
-    if case=='plan': assert planner.seen == ('tucker', (128, 1, 8, 8), None, ['body.3']), f"plan called with {planner.seen}"
-    if case=='calib': assert calib.built == list(done) == ['head.2', 'body.1.0', 'body.2.0'], f"calib built {calib.built}, decomposed {list(done)}"
+    if case=='plan': assert planner.seen == ('tucker', (128, 1, 8, 8), None, ['body.3'], None, True), f"plan called with {planner.seen}"
+    if case=='calib': assert calib.names == calib.built == list(done) == ['body.1.0', 'body.2.0'], f"calib prepared {calib.names}, built {calib.built}, decomposed {list(done)}"
+
+def test_calib_true_calibrates_at_the_swap(dls):
+    "calib=True: a Calibration of learn.dls.train, made at the swap (batches as the model sees them then)"
+    from fasterai_lr.calibrate import Calibration
+    learn = learner(dls)
+    fit(learn, 2, 1e-3, cbs=[cb := DecomposeCallback(1, keep=0.5, calib=True, verbose=False), probe := Probe()])
+    check_swaps(probe, case='calib=True')
+    assert isinstance(cb.calib_used, Calibration) and cb.calib_used.data is learn.dls.train, f"calibrated with {cb.calib_used!r}"
+    assert cb.totals.decomposed[0] >= 3, cb.report[['layer', 'method', 'note']]
 
 # ---- what carries over
 
@@ -224,7 +235,7 @@ def test_idle_in_lr_find_validate_get_preds(dls, tmp_path):
 
 def test_stages_and_fractions(dls):
     learn = learner(dls)
-    cb = DecomposeCallback([0.25, 2], layers=[['head'], None], keep=0.5, verbose=False)
+    cb = DecomposeCallback([0.25, 2], layers=[['head.2'], None], keep=0.5, verbose=False)   # the output layer, by its name
     fit(learn, 4, 1e-3, how='fit_one_cycle', cbs=[cb, probe := Probe()])
     check_swaps(probe, n=2, case='two stages')
     assert list(cb.totals.iteration) == [math.ceil(0.25*4*7), 2*7]
@@ -329,4 +340,5 @@ def test_vision_learner_fine_tune():
     warns(lambda: fit(learn, 2, how='fine_tune', freeze_epochs=1, cbs=[DecomposeCallback(1, 'svd', keep=0.5, verbose=False), probe]), 'frozen fit')
     check_swaps(probe, case='vision_learner')
     assert probe.groups0 == 3 and learn.opt.frozen_idx == 0
-    assert sum(isinstance(m, Factorized) for m in learn.model.modules()) == 22, "every conv and linear of ResNet-18 and fastai's head"
+    assert sum(isinstance(m, Factorized) for m in learn.model.modules()) == 21, "every conv and linear of ResNet-18 and fastai's head, but the output layer"
+    assert type(learn.model[1][-1]) is nn.Linear, f"the output layer should be kept: {learn.model[1][-1]!r}"

@@ -122,10 +122,10 @@ for meth in ('tucker', 'cp', 'svd', 'spatial'):
 case("model-cp-energy", net, lambda m: Conv_Decomposer().decompose(m, 'cp', energy=0.9, quiet=True), ValueError, 'not defined for CP')
 case("model-unknown-method", net, lambda m: Conv_Decomposer().decompose(m, 'tuckr', quiet=True), ValueError, "unknown method 'tuckr'")
 case("model-FC-unknown-method", net, lambda m: FC_Decomposer().decompose(m, 'tucker', quiet=True), ValueError, "unknown method 'tucker'")
-case("model-FC-inf-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (1, 1), float('inf'))), lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), ValueError, 'NaN or Inf', 'head')
-case("model-FC-rank-above-full", net, lambda m: FC_Decomposer().decompose(m, rank=5, quiet=True), ValueError, 'above the full rank of every layer', 'head')
+case("model-FC-inf-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (1, 1), float('inf'))), lambda m: FC_Decomposer().decompose(m, rank=2, head=True, quiet=True), ValueError, 'NaN or Inf', 'head')
+case("model-FC-rank-above-full", net, lambda m: FC_Decomposer().decompose(m, rank=5, head=True, quiet=True), ValueError, 'above the full rank of every layer', 'head')
 case("model-FC-layers-not-Linear", net, lambda m: FC_Decomposer().decompose(m, layers=['features.0'], quiet=True), ValueError, 'no nn.Linear in it')
-case("decompose_model-nan-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (0, 0), float('nan'))), lambda m: decompose_model(m, 'tucker', quiet=True, rank=2), ValueError, 'NaN or Inf', 'head')
+case("decompose_model-nan-weight", lambda: poison(net(), 'head', lambda l: with_weight(l, (0, 0), float('nan'))), lambda m: decompose_model(m, 'tucker', quiet=True, rank=2, head=True), ValueError, 'NaN or Inf', 'head')
 case("model-FC-quantize_dynamic", quantized_net, lambda m: FC_Decomposer().decompose(m, rank=2, quiet=True), (TypeError, ValueError), 'quantized')
 case("decompose_model-quantize_dynamic", quantized_net, lambda m: decompose_model(m, 'tucker', quiet=True, rank=2), (TypeError, ValueError), 'quantized')
 

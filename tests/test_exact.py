@@ -147,7 +147,7 @@ def test_token_model_full_rank_exact(bias):
     "FC_Decomposer on a model whose Linears see (batch, tokens, features)"
     net = nn.Sequential(nn.Linear(6, 10, bias=bias), nn.GELU(), nn.LayerNorm(10), nn.Linear(10, 4, bias=bias))
     x = torch.randn(3, 7, 6)
-    new = FC_Decomposer().decompose(net, rank='full', quiet=True)
+    new = FC_Decomposer().decompose(net, rank='full', head=True, quiet=True)   # the output Linear too
     assert all(isinstance(new[i], Factorized) for i in (0, 3)), f"bias={bias}: not every Linear was factorized: {new}"
     with torch.no_grad(): e = relerr(new(x), net(x))
     assert e <= TOL, f"FC_Decomposer().decompose(rank='full') on a token model (bias={bias}): relative error {e:.2e}"

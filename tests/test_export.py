@@ -20,7 +20,7 @@ ARCH = dict(cnn=cnn, mlp=mlp)
 
 def decomposed(arch, method='tucker', **kw):
     torch.manual_seed(0)
-    return decompose_model(ARCH[arch]().eval(), method, quiet=True, **({'keep': 0.5} | kw))[0]
+    return decompose_model(ARCH[arch]().eval(), method, quiet=True, **({'keep': 0.5, 'head': True} | kw))[0]   # the output Linear too: plans and exports cover it
 
 def rel(a, b): return ((a-b).norm()/b.norm()).item()
 
@@ -162,8 +162,8 @@ def test_torch_export(arch, method):
 def test_low_precision_model(method, dtype):
     torch.manual_seed(0)
     net = cnn().eval().to(dtype)
-    low = decompose_model(net, method, keep=0.5, quiet=True)[0]
-    ref = decompose_model(copy.deepcopy(net).double(), method, keep=0.5, quiet=True)[0]   # same weights, factorized in float64 and kept there
+    low = decompose_model(net, method, keep=0.5, head=True, quiet=True)[0]
+    ref = decompose_model(copy.deepcopy(net).double(), method, keep=0.5, head=True, quiet=True)[0]   # same weights, factorized in float64 and kept there
     assert {p.dtype for p in low.parameters()}=={dtype}, f"{method}/{dtype}: parameters {({p.dtype for p in low.parameters()})}"
     for (k,a),b in zip(low.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b.to(dtype)), f"{method}/{dtype}: {k} is not the high-precision factor rounded once to {dtype}"
@@ -297,7 +297,7 @@ class _ReadsWeight(nn.Module):
     def forward(self, x): return self.out(nn.functional.linear(x, self.qkv.weight, self.qkv.bias))
 
 def test_parent_reading_weight_directly_is_skipped():
-    new,rep = decompose_model(nn.Sequential(_ReadsWeight()), 'svd', rank=4, quiet=True)
+    new,rep = decompose_model(nn.Sequential(_ReadsWeight()), 'svd', rank=4, head=True, quiet=True)   # (0.out is the output layer)
     new(torch.randn(2, 32))
     row = rep.set_index('layer').loc['0.qkv']
     assert row['method'] is None or row['method']!=row['method'], f"0.qkv was decomposed: {row.to_dict()}"

@@ -8,12 +8,6 @@ from fasterai_lr.ranks import _greedy, _minmax, _fill
 
 SAMPLE = (3, 16, 16)
 
-class Block(nn.Module):
-    "Two branches, one scaled by `s`: the second's errors reach the output `s`² times weaker"
-    def __init__(self, s=1.):
-        super().__init__(); self.a, self.b, self.s = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), s
-    def forward(self, x): return self.a(x) + self.s*self.b(x)
-
 def tiny_cnn(seed=0, spectra=True):
     "A small CNN with BN, a depthwise conv, a 1×1, a grouped conv and a Linear head; weights with decaying spectra"
     torch.manual_seed(seed)
@@ -62,21 +56,21 @@ def test_decomposer_with_budget(by, keep):
 def test_round_to_and_skips():
     net = nn.Sequential(nn.Conv2d(3, 20, 3), nn.ReLU(), nn.Conv2d(20, 40, 3), nn.ReLU(), nn.Conv2d(40, 6, 3), nn.Flatten(), nn.Linear(6*10*10, 1))
     b = Budget(params=0.5, round_to=8)
-    plan = b.plan(net, 'tucker')
+    plan = b.plan(net, 'tucker', head=True)   # the output Linear '6' too
     for n,r in plan.items(): assert all(x % 8 == 0 for x in (r if isinstance(r, tuple) else (r,))), f"{n}: rank {r} is not a multiple of 8"
     notes = b.report.set_index('layer')['note']
     for n in ('0', '4', '6'): assert notes[n].startswith('no rank is cheaper') and n not in plan, f"{n}: {notes[n]!r}"  # 3, 6, 1 channels < 8
-    assert Budget(params=0.9).plan(net, 'tucker').get('6') is None, "a Linear 600→1: rank 1 costs more than the layer"
-    new,_ = decompose_model(net, 'tucker', rank=plan, quiet=True)
+    assert Budget(params=0.9).plan(net, 'tucker', head=True).get('6') is None, "a Linear 600→1: rank 1 costs more than the layer"
+    new,_ = decompose_model(net, 'tucker', rank=plan, head=True, quiet=True)
     assert size(new)/size(net) <= 0.5 + 1e-9
 
 def test_second_stage_plans_only_what_is_left():
     net = tiny_cnn()
     convs = Conv_Decomposer().decompose(net, 'tucker', keep=0.5, quiet=True)
-    cands = candidates(convs, 'tucker')
+    cands = candidates(convs, 'tucker', head=True)
     assert {n for n,*_ in cands} == {'12', '14'}, [n for n,*_ in cands]   # the Linears: not the factors, not the depthwise conv
     b = Budget(params=0.5)
-    plan = b.plan(convs)
+    plan = b.plan(convs, head=True)
     assert set(plan) <= {'12', '14'} and 0.98*0.5 <= b.achieved <= 0.5, (plan, b.achieved)
 
 def test_budget_errors():
@@ -88,6 +82,18 @@ def test_budget_errors():
     with pytest.raises(ValueError, match='ask for at least'): Budget(params=0.02).plan(net)
     with pytest.raises(ValueError, match="unknown method"): Budget(params=0.5).plan(net, 'tuckr')
     with pytest.raises(ValueError, match="no layer named"): Budget(params=0.5).plan(net, layers=['nope'])
+
+def test_auto_method_picks_each_layers_method():
+    "method='auto': the budget chooses each k×k conv's method with its rank (a 1×1 conv and the Linears: SVD); a {layer: (method, rank)} plan does too"
+    net = tiny_cnn()
+    b = Budget(params=0.4)
+    new,rep = decompose_model(net, 'auto', rank=b, quiet=True)
+    got = size(new)/size(net)
+    assert abs(got - b.achieved) < 1e-9 and 0.98*0.4 <= got <= 0.4, f"got {got:.4f}, budget says {b.achieved:.4f}"
+    done = rep.set_index('layer').method.dropna().to_dict()
+    assert set(done.values()) <= set(AUTO_METHODS) and all(done[n]=='svd' for n in ('6', '12') if n in done), done
+    new,rep = decompose_model(net, 'auto', rank={'0': ('cp', 4), '3': ('spatial', 6), '12': ('svd', 8)}, quiet=True)
+    assert rep.set_index('layer').method.dropna().to_dict()=={'0': 'cp', '3': 'spatial', '12': 'svd'}, rep[['layer', 'method', 'rank']]
 
 # --- error curves -----------------------------------------------------------------------------------------------------
 
@@ -153,30 +159,48 @@ def test_minmax_optimal(seed):
         best = min(max(e[j] for e,j in zip(errs, js)) for js in itertools.product(range(n), repeat=L) if sum(c[j] for c,j in zip(costs, js)) <= limit)
         assert sum(c[j] for c,j in zip(costs, pick)) <= limit + 1e-9 and max(e[j] for e,j in zip(errs, pick)) == best, f"seed {seed}, limit {limit:.2f}"
 
-def test_budget_beats_uniform_on_output_error():
-    net = tiny_cnn()
-    x = torch.randn(32, *SAMPLE)
-    with torch.no_grad(): y = net(x)
-    rel = lambda m: ((m(x)-y).norm()/y.norm()).item()
+def unbiased(net):
+    "`net` with its biases at zero: its outputs are then all signal (tiny_cnn's biases swamp what random inputs make of its weights)"
     with torch.no_grad():
-        for k in (0.3, 0.5):
-            uni,_ = decompose_model(net, 'tucker', keep=k, quiet=True)
-            b = Budget(params=size(uni)/size(net), sensitivity=x[:8])
-            glob,_ = decompose_model(net, 'tucker', rank=b.plan(net), quiet=True)
-            assert size(glob) <= size(uni) and rel(glob) < rel(uni), f"keep={k}: budget {rel(glob):.3f} vs uniform {rel(uni):.3f}"
+        for l in net.modules():
+            if isinstance(l, (nn.Conv2d, nn.Linear)): l.bias.zero_()
+    return net
 
-def test_sensitivity_weights_follow_the_output():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block(s=0.01)).eval()
-    x = torch.randn(4, *SAMPLE)
-    curves = layer_curves(candidates(net, 'tucker'))
-    layer_sensitivity(net, curves, x)
-    w = {c.name: np.asarray(c.weight).mean() for c in curves}
-    assert w['1.b'] < 1e-2*w['1.a'], w        # the branch scaled by 0.01 moves the output 10⁴ times less
-    b = Budget(params=0.5, sensitivity=[x])
-    b.plan(net)
-    r = b.report.set_index('layer')
-    assert r.loc['1.b', 'cost_after'] < r.loc['1.a', 'cost_after'], r
+def calibrated_budget(k):
+    "tiny_cnn, 4 calibration batches, the uniform data-aware decomposition at keep=`k` and a data-aware Budget of its size"
+    from fasterai_lr.calibrate import Calibration
+    net = unbiased(tiny_cnn())
+    xs = list(torch.randn(128, *SAMPLE, generator=torch.Generator().manual_seed(0)).split(32))
+    cal = Calibration(xs)
+    uni,_ = decompose_model(net, 'tucker', keep=k, quiet=True, calib=cal)
+    b = Budget(params=size(uni)/size(net), calib=cal)
+    glob,_ = decompose_model(net, 'tucker', rank=b, quiet=True, calib=cal)
+    return net, xs, uni, b, glob
+
+def out_err(m, net, xs):
+    x = torch.cat(xs)
+    with torch.no_grad(): y = net(x); return ((m(x)-y).norm()/y.norm()).item()
+
+@pytest.mark.parametrize('k', [0.3, 0.5])
+def test_budget_beats_uniform_on_output_error(k):
+    "A data-aware Budget (calib=) against the uniform data-aware decomposition of the same size: no more parameters, no more output error"
+    net,xs,uni,b,glob = calibrated_budget(k)
+    e,eu = out_err(glob, net, xs), out_err(uni, net, xs)
+    assert size(glob) <= size(uni) and e <= eu, f"keep={k}: budget {size(glob)} parameters, output error {e:.4f}; uniform {size(uni)}, {eu:.4f}"
+
+def test_budget_checks_plans_end_to_end():
+    "`.checked`: the whole model's output error of each candidate plan on the calibration data; `.chosen`: the least; the decomposed model has that error"
+    net,xs,uni,b,glob = calibrated_budget(0.4)
+    assert 'greedy' in b.checked and set(b.checked) <= {'greedy', 'minmax', 'uniform'}, b.checked
+    assert all(0 < v < 1 for v in b.checked.values()), b.checked
+    assert b.chosen == min(b.checked, key=b.checked.get), (b.chosen, b.checked)
+    e = out_err(glob, net, xs[:2])                                        # the check runs on the first 2 calibration batches
+    assert abs(e - b.checked[b.chosen]) <= 1e-4*e, f"the decomposed model's output error {e:.6f}, the check says {b.checked[b.chosen]:.6f}"
+    plain = Budget(params=0.4); plain.plan(net)
+    assert plain.checked is None and plain.chosen is None, "a weight-only budget checks nothing"
+    plain.plan(net, calib=b.calib)                                        # calib= may come with the call instead
+    assert plain.chosen in plain.checked, plain.checked
+    with pytest.raises(TypeError, match=r'Budget\(sensitivity=\) is replaced by calib=Calibration'): Budget(params=0.5, sensitivity=xs[0])
 
 def test_minmax_budget_and_weights():
     net = tiny_cnn()
@@ -230,7 +254,7 @@ def test_vbmf_rule():
     plan = VBMF().ranks(None, [('c', conv, 'svd', None), ('l', lin, 'svd', None)])
     assert plan == {'c': 5, 'l': 3}, plan
     with pytest.raises(ValueError, match='no CP rank'): VBMF().rank(conv, 'cp')
-    new = Conv_Decomposer().decompose(nn.Sequential(conv), 'tucker', rank=VBMF(), quiet=True)
+    new = Conv_Decomposer().decompose(nn.Sequential(conv), 'tucker', rank=VBMF(), head=True, quiet=True)   # (the one conv is the output layer)
     assert new[0].rank == (5, 7)
 
 # --- search and sweep -------------------------------------------------------------------------------------------------
