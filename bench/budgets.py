@@ -1,5 +1,5 @@
 """A whole-model `Budget` against a uniform per-layer `keep`, at the same total parameters and at the same total MACs:
-relative logit error on held-out data and accuracy before fine-tuning, on a CNN trained on sklearn's digits and on
+relative logit error on held-out data and accuracy before fine-tuning, weight-only and with a `Calibration` (data-aware), on a CNN trained on sklearn's digits and on
 torchvision's resnet18 (weights=None: cost and error only). Run: python bench/budgets.py [--no-resnet] [--threads N]
 One thread by default: on a shared 2-core machine more threads than free cores slow PyTorch down by an order of magnitude."""
 import argparse, time, torch, torchvision, numpy as np
@@ -7,6 +7,7 @@ from torch import nn
 from sklearn.datasets import load_digits
 from fasterai_lr.decompose import decompose_model
 from fasterai_lr.ranks import Budget, n_params, model_macs
+from fasterai_lr.calibrate import Calibration
 
 def digits_data(seed=0):
     X,y = load_digits(return_X_y=True)
@@ -44,12 +45,12 @@ def compare(name, model, method, keeps, sample, X, y, calib):
         fp, fm = n_params(uni)/P0, model_macs(uni, sample)/M0
         eu, au = scores(uni, X, y, ref)
         for by, f in (('params', fp), ('macs', fm)):
-            for sens in (None, calib):
-                b = Budget(**{by: f}, sensitivity=sens)
-                new,_ = decompose_model(model, method, rank=b.plan(model, method, sample), quiet=True)
+            for cal in (None, calib):
+                b = Budget(**{by: f})
+                new,_ = decompose_model(model, method, rank=b, sample=sample, quiet=True, calib=None if cal is None else Calibration(cal))
                 got = n_params(new)/P0 if by=='params' else model_macs(new, sample)/M0
                 eg, ag = scores(new, X, y, ref)
-                rows.append((name, k, by, 'sens' if sens is not None else 'weights', f, got, eu, eg, au, ag))
+                rows.append((name, k, by, 'data' if cal is not None else 'weights', f, got, eu, eg, au, ag))
     return rows
 
 def show(rows):
@@ -63,16 +64,16 @@ if __name__=='__main__':
     p = argparse.ArgumentParser(); p.add_argument('--no-resnet', action='store_true'); p.add_argument('--threads', type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads); torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'weights': unweighted relative weight errors, 'sens': weighted by measured sensitivity")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'weights': relative weight errors, weight-only factors; 'data': output errors on calibration batches, data-aware factors, the plan checked end to end")
     t = time.perf_counter()
     (Xt,yt),(Xv,yv) = digits_data()
     cnn = train(digits_cnn(), Xt, yt)
     print(f"digits CNN trained in {time.perf_counter()-t:.1f}s: test accuracy {scores(cnn, Xv, yv, cnn(Xv).detach())[1]:.1%}, {n_params(cnn):,} params, {model_macs(cnn, (1, 8, 8)):,} MACs")
-    rows = compare('digits', cnn, 'tucker', (0.3, 0.5), (1, 8, 8), Xv, yv, Xt[:256])
+    rows = compare('digits', cnn, 'tucker', (0.3, 0.5), (1, 8, 8), Xv, yv, list(Xt[:256].split(64)))
     print(f"digits done at {time.perf_counter()-t:.1f}s")
     if not a.no_resnet:
         r18 = torchvision.models.resnet18(weights=None).eval()
         x = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-        rows += compare('resnet18', r18, 'tucker', (0.5,), (3, 112, 112), x, None, x[:4])
+        rows += compare('resnet18', r18, 'tucker', (0.5,), (3, 112, 112), x, None, [x[:4]])
     show(rows)
     print(f"total {time.perf_counter()-t:.1f}s")

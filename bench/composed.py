@@ -101,8 +101,8 @@ def resnet50(a):
     for seq in (False, True):
         for meth in a.methods.split(','):
             t = time.perf_counter()
-            new,rep = decompose_model(model, meth, rank=(b := Budget(params=0.5)), calib=Calibration(xs, sequential=seq), quiet=True)
-            print(f"  decompose_model(resnet50, {meth!r}, rank=Budget(params=0.5), calib=Calibration(256 images, sequential={seq})): "
+            new,rep = decompose_model(model, meth, rank=(b := Budget(params=0.5)), calib=Calibration(xs, sequential=seq, max_rows=a.max_rows), quiet=True)
+            print(f"  decompose_model(resnet50, {meth!r}, rank=Budget(params=0.5), calib=Calibration(256 images, sequential={seq}, max_rows={a.max_rows})): "
                   f"{time.perf_counter()-t:.1f} s ({fwd and (time.perf_counter()-t)/fwd:.1f}× the forward pass); plan chosen: {b.chosen} of {b.checked}", flush=True)
 
 if __name__=='__main__':
@@ -111,5 +111,6 @@ if __name__=='__main__':
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--resnet50', action='store_true')
     ap.add_argument('--methods', default='svd,tucker', help="methods for --resnet50")
+    ap.add_argument('--max-rows', type=int, default=8192, help="Calibration(max_rows=) for --resnet50: rows per batch and layer in a Gram")
     a = ap.parse_args()
     resnet50(a) if a.resnet50 else main(a)

@@ -9,7 +9,7 @@ Python itself, scikit-learn and scikit-image.
 Run: python bench/real_models.py --baseline   (weight-only and data-aware decomposition of both, against the dense models)"""
 import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')   # never reach for the hub
-import argparse, functools, importlib, inspect, random, re, time, torch, torch.nn.functional as F
+import argparse, functools, importlib, inspect, math, random, re, time, torch, torch.nn.functional as F
 from collections import OrderedDict
 from torch import nn
 
@@ -28,19 +28,23 @@ STDLIB = ('argparse collections concurrent.futures contextlib csv dataclasses da
           'pickle queue random re shlex shutil socket statistics string subprocess tarfile tempfile textwrap threading '
           'tokenize typing unittest urllib.parse uuid warnings zipfile').split()
 
+def _docstrings(mod)->list[str]:
+    "The docstrings of module `mod`, of the classes and functions it defines, and of those classes' methods"
+    own = lambda o: (inspect.isclass(o) or inspect.isroutine(o)) and getattr(o, '__module__', None)==mod.__name__
+    objs = [o for o in vars(mod).values() if own(o)]
+    objs += [m for c in objs if inspect.isclass(c) for m in vars(c).values() if own(m)]   # (not methods other packages patch in)
+    return [d for d in map(inspect.getdoc, [mod, *objs]) if d]
+
 @functools.cache
 def _sentence_pool()->tuple:
-    "Every distinct prose sentence (6 to 30 words, plain ASCII) in the docstrings of the `STDLIB` modules and their members"
+    "Every distinct prose sentence (6 to 30 words, plain ASCII, no code) in the docstrings of the `STDLIB` modules"
     out = {}
-    for name in STDLIB:
-        mod = importlib.import_module(name)
-        for obj in [mod, *vars(mod).values()]:
-            for doc in [inspect.getdoc(obj) or ''] if getattr(obj, '__module__', name) in (name, None) or obj is mod else []:
-                for para in re.split(r'\n\s*\n', doc):
-                    if '>>>' in para or re.search(r'^\s', para, re.M): continue          # examples and indented code
-                    for s in re.split(r'(?<=[.!?])\s+(?=[A-Z])', ' '.join(para.split())):
-                        if (6 <= len(s.split()) <= 30 and s[0].isupper() and s[-1] in '.!?' and s.isascii()
-                            and not re.search(r'[_=<>{}\[\]`|\\]|::|\w\(|\.\w', s)): out[s] = None
+    for doc in (d for name in STDLIB for d in _docstrings(importlib.import_module(name))):
+        for para in re.split(r'\n\s*\n', doc):
+            if '>>>' in para or re.search(r'^\s', para, re.M): continue          # examples and indented code
+            for s in re.split(r'(?<=[.!?])\s+(?=[A-Z])', ' '.join(para.split())):
+                if (6 <= len(s.split()) <= 30 and s[0].isupper() and s[-1] in '.!?' and s.isascii()
+                    and not re.search(r'[_=<>{}\[\]`|\\]|::|\w\(|\.\w', s)): out[s] = None
     return tuple(sorted(out))
 
 def sentences(n:int=256, seed:int=0)->list[str]:
@@ -143,7 +147,7 @@ def natural_images(n:int=64, size:int=224, seed:int=0, mean=LITE0_STATS['mean'],
     for i in range(n):
         im = ims[int(torch.randint(len(ims), (), generator=g))].permute(2,0,1).float()/255
         H,W = im.shape[1:]
-        area, ar = u(0.1, 1.)*H*W, torch.exp(torch.tensor(u(-0.2877, 0.2877))).item()   # log(4/3)
+        area, ar = u(0.1, 1.)*H*W, math.exp(u(-math.log(4/3), math.log(4/3)))
         h,w = min(H, round((area/ar)**0.5)), min(W, round((area*ar)**0.5))
         t,l = int(torch.randint(H-h+1, (), generator=g)), int(torch.randint(W-w+1, (), generator=g))
         x = _resize(im[:, t:t+h, l:l+w], (size, size))
@@ -151,20 +155,11 @@ def natural_images(n:int=64, size:int=224, seed:int=0, mean=LITE0_STATS['mean'],
     return torch.stack(out)
 
 # ---------------------------------------------------------------------------- --baseline
-class _Ids(nn.Module):
-    "BertModel on one tensor B×2×L (input ids, attention mask): for a `Calibration` that takes tensor batches only"
-    def __init__(self, bert): super().__init__(); self.bert = bert
-    def forward(self, x): return self.bert(input_ids=x[:,0], attention_mask=x[:,1])
-
 def _calib_minilm(model, tok, sents, keep, bs=32):
-    "FC_Decomposer with `Calibration` over `sents` in dict batches; if Calibration takes tensors only, through `_Ids` (and say so)"
+    "FC_Decomposer on the encoder with `Calibration` over `sents`, in tokenized dict batches (`model(**batch)`)"
     from fasterai_lr.all import FC_Decomposer, Calibration
     batches = [tokenize(tok, sents[i:i+bs]) for i in range(0, len(sents), bs)]
-    try: return FC_Decomposer().decompose(model, keep=keep, layers=['encoder'], calib=Calibration(batches, n_batches=len(batches)), quiet=True), 'dict batches'
-    except (TypeError, ValueError) as e: why = f'{type(e).__name__}: {str(e)[:90]}'
-    packed = [torch.stack([b['input_ids'], b['attention_mask']], 1) for b in batches]
-    new = FC_Decomposer().decompose(_Ids(model), keep=keep, layers=['bert.encoder'], calib=Calibration(packed, n_batches=len(packed)), quiet=True)
-    return new.bert, f'one-tensor wrapper (dict batches raised {why})'
+    return FC_Decomposer().decompose(model, keep=keep, layers=['encoder'], calib=Calibration(batches, n_batches=len(batches)), quiet=True)
 
 def baseline_minilm(keeps=(0.8, 0.5)):
     from fasterai_lr.all import FC_Decomposer
@@ -180,11 +175,10 @@ def baseline_minilm(keeps=(0.8, 0.5)):
     print(f"\n| encoder Linears kept | weight-only: mean cos (min) | data-aware: mean cos (min) | encoder params after |\n|---|---|---|---|")
     for k in keeps:
         t = time.time(); w = FC_Decomposer().decompose(model, keep=k, layers=['encoder'], quiet=True); tw = time.time()-t
-        t = time.time(); d, how = _calib_minilm(model, tok, cal, k); td = time.time()-t
+        t = time.time(); d = _calib_minilm(model, tok, cal, k); td = time.time()-t
         cw, cd = (embed(w, tok, ev)*e0).sum(-1), (embed(d, tok, ev)*e0).sum(-1)
         print(f"| {k:.0%} | {cw.mean():.4f} ({cw.min():.3f}) | {cd.mean():.4f} ({cd.min():.3f}) | {n_params(w.encoder)/n_params(model.encoder):.1%} |"
               f"  ({tw:.1f}s, {td:.1f}s)")
-    print(f"data-aware through {how}")
 
 def baseline_cnn(fracs=(0.8, 0.6)):
     from fasterai_lr.all import decompose_model, Budget, Calibration

@@ -70,10 +70,10 @@ def channel_svd_data(K:Tensor, G:Tensor, rank:int, damp:float=0., W:Tensor|None=
     A,B = whitened_svd(K.flatten(-3) if W is None else W, G, rank, damp)
     return B.unflatten(-1, (I,kh,kw)), A[...,None,None]
 
-def refit_last(W:Tensor, G:Tensor, Fr:Tensor, damp:float=0.)->Tensor:
-    "The last factor L (…×O×m) minimising ‖(W − L Frᵀ)S‖ for fixed front filters `Fr` (…×n×m): W G Fr (Frᵀ G Fr)⁻¹"
-    S,_ = gram_sqrt(G, damp)
-    Gl,Fr = S@S.mT, Fr.double()
+def refit_last(W:Tensor, G:Tensor, Fr:Tensor, damp:float=0., Gl:Tensor|None=None)->Tensor:
+    "The last factor L (…×O×m) minimising ‖(W − L Frᵀ)S‖ for fixed front filters `Fr` (…×n×m): W G Fr (Frᵀ G Fr)⁻¹ (`Gl`: G+λI, if the caller has it)"
+    if Gl is None: S,_ = gram_sqrt(G, damp); Gl = S@S.mT
+    Fr = Fr.double()
     FGF = Fr.mT@Gl@Fr
     FGF = FGF + JITTER*FGF.diagonal(dim1=-2, dim2=-1).mean(-1)[...,None,None]*torch.eye(FGF.shape[-1], dtype=FGF.dtype, device=FGF.device)
     return torch.linalg.solve(FGF, (W.double()@Gl@Fr).mT).mT
@@ -185,7 +185,12 @@ class Stats:
     def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0):
         store_attr('layer,kind,max_rows,seed')
         self.G = self.C = self.Cin = self.Cout = None
-        self.rows = 0
+        self.rows,self.memo = 0,{}   # memo: what every rank's fit shares (whitened SVDs, G+λI), computed once
+
+    def cached(self, key, f):
+        "`f()`, computed once for these statistics"
+        if key not in self.memo: self.memo[key] = f()
+        return self.memo[key]
 
     def _rows(self, x, conv, idx):
         if isinstance(self.layer, nn.Linear): return x.reshape(-1, 1, x.shape[-1])[idx]
@@ -199,8 +204,10 @@ class Stats:
 
     @staticmethod
     def _add(acc, a, b, w):
-        a,b = a.double().transpose(0,1), b.double().transpose(0,1)    # G×rows×n
-        g = w*(a.mT@b)
+        "acc + w·aᵀb (G×n×n in float64): each batch's product in the activations' own precision (float32 at least), the sum in float64"
+        dt = torch.promote_types(a.dtype, torch.float32)
+        a,b = a.to(dt).transpose(0,1), b.to(dt).transpose(0,1)          # G×rows×n
+        g = (a.mT@b).double().mul_(w)
         return g if acc is None else acc.add_(g)
 
     @torch.no_grad()
@@ -268,7 +275,7 @@ class Calibration:
             raise ValueError(f"damp={damp!r}: pass 0 (pure data fit) or a small positive ridge such as 0.01")
         if n_inp is not None and not (_is_int(n_inp) and n_inp > 0): raise ValueError(f"n_inp={n_inp!r}; pass a positive int (how many items of each batch the model takes)")
         store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
-        self.xs,self.stats,self._fp = None,{},None
+        self.xs,self.stats,self._cp,self._fp = None,{},{},None
 
     def batches(self)->list:
         "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
@@ -278,7 +285,7 @@ class Calibration:
     def prepare(self, model:nn.Module, names:list):
         "Keep `model` (decomposed in place by the caller), a dense copy of it, and the `names` of the layers to calibrate"
         fp = _fingerprint(model)
-        if fp != self._fp: self.stats,self._fp = {},fp          # new weights (another stage, more training): statistics anew
+        if fp != self._fp: self.stats,self._cp,self._fp = {},{},fp   # new weights (another stage, more training): statistics anew
         self.model,self.names = model,list(names)
         self.ref = copy.deepcopy(model).eval()
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
@@ -347,26 +354,33 @@ def _fill(blk:Factorized, layer:nn.Module, st:Stats, damp:float):
         core,U_out,U_in = balance_tucker(core, U_out, first.mT)
         for l,w in zip(blk, [U_in.mT]*(ri<I) + [core] + [U_out]*(ro<O)): _set(l, w)
         return blk
-    W = data_target(K.flatten(-3), st.G, st.C, damp)
-    if blk.method=='svd':                                         # a Linear is a 1×1 kernel: the same whitened truncation
-        first,last = channel_svd_data(K, st.G, blk.rank, damp, W)
-        A,B = balance(last.flatten(-3), first.flatten(-3))
+    W = st.cached('W', lambda: data_target(K.flatten(-3), st.G, st.C, damp))
+    Gl = lambda: st.cached('Gl', lambda: (lambda S: S@S.mT)(st.cached('S', lambda: gram_sqrt(st.G, damp)[0])))
+    (O,I,kh,kw),r = K.shape[-4:],blk.rank
+    if blk.method=='svd':                                         # a Linear is a 1×1 kernel: the same whitened truncation, of every rank at once
+        A,B = st.cached('svd', lambda: whitened_svd(W, st.G, min(W.shape[-2:]), damp))
+        A,B = balance(A[...,:r], B[...,:r,:])
         for l,w in zip(blk, (B, A)): _set(l, w)
-    elif blk.method=='spatial':
-        V,H = spatial_svd_data(K, st.G, blk.rank, damp, W)           # …×r×I×kh×1, …×O×r×1×kw: component i is V[i] and H[:, i]
-        A,B = balance(H[...,0,:].mT.flatten(-3,-2), V.flatten(-3))  # (…×O·kw×r): H's component i as one column
-        for l,w in zip(blk, (B, A.unflatten(-2, (H.shape[-4], H.shape[-1])).mT)): _set(l, w)
+    elif blk.method=='spatial':                                   # spatial_svd_data's steps, the column-whitened SVD shared by every rank
+        Si,U = st.cached('spatial', lambda: (lambda S,Si: (Si, svd_factors(S.mT@svd_matrix(W.unflatten(-1, (I,kh,kw)), 'spatial'), min(I*kh, O*kw))[0]))(*gram_sqrt(col_gram(st.G, I, kh, kw), damp)))
+        V = Si.mT@U[...,:r]                                       # (…×I·kh×r) vertical filters
+        H = refit_last(W, st.G, torch.kron(V, torch.eye(kw, dtype=V.dtype, device=V.device)), damp, Gl()).unflatten(-1, (r,kw))
+        A,B = balance(H.mT.flatten(-3,-2), V.mT)                  # (…×O·kw×r): H's component i as one column
+        for l,w in zip(blk, (B, A.unflatten(-2, (O, kw)).mT)): _set(l, w)
     elif blk.method=='cp':
         a_in,a_h,a_w = [l.weight.detach().double().reshape(layer.groups, blk.rank, -1).mT for l in list(blk)[:3]]
-        fs = balance_cp([refit_last(W, st.G, cp_front(a_in, a_h, a_w), damp), a_in, a_h, a_w])
+        fs = balance_cp([refit_last(W, st.G, cp_front(a_in, a_h, a_w), damp, Gl()), a_in, a_h, a_w])
         for l,w in zip(blk, [f.mT for f in fs[1:]] + fs[:1]): _set(l, w)
     return blk
 
 def _builder(layer, method): return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
 
-def _blank(layer:nn.Module, method:str, rank)->Factorized:
-    "The block that `_fill` fills: CP's weight-only one (it keeps the fitted front factors), the others' empty factor layers with the layer's bias"
-    if method=='cp': return conv_cp(layer, rank)
+def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
+    "The block that `_fill` fills: CP's weight-only one (it keeps its ALS front factors; fitted once per rank in `cache`), the others' empty factor layers with the layer's bias"
+    if method=='cp':
+        if cache is None: return conv_cp(layer, rank)
+        if (k := (id(layer.weight), rank)) not in cache: cache[k] = conv_cp(layer, rank)
+        return copy.deepcopy(cache[k])
     blk = shell(layer, 'svd' if isinstance(layer, nn.Linear) else method, rank, init=False)
     return fill(blk, bias=None if layer.bias is None else layer.bias.detach())
 
@@ -375,7 +389,7 @@ def build(self:Calibration, name:str, layer:nn.Module, method:str, rank)->Factor
     "The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it"
     st = self.layer_stats(name, layer, method)
     if st.rows==0: return None
-    return _fill(_blank(layer, method, rank), layer, st, self.damp)
+    return _fill(_blank(layer, method, rank, self._cp), layer, st, self.damp)
 
 @patch
 def errors(self:Calibration, name:str)->Tensor:
@@ -420,7 +434,7 @@ class _Lockstep:
         try:
             (l,m,r),st = self.todo[n],self.stats[n].all_reduce(paired=True)
             self.cal.stats[(n, st.kind, 'seq')] = st
-            self.built[n] = _fill(_blank(l, m, r), l, st, self.cal.damp) if st.rows else None
+            self.built[n] = _fill(_blank(l, m, r, self.cal._cp), l, st, self.cal.damp) if st.rows else None
         except Exception as e: self.failed.append(e)
         self.cond.notify_all()
 
@@ -493,7 +507,7 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     if st.rows==0: return np.array([np.nan]*len(ranks))                  # no data reached it: no curve to go by
     W = kernel(layer).flatten(-3).double()
     if method=='svd': return output_errors(W, st.G, self.damp).square()[torch.tensor(ranks)].numpy()
-    S = gram_sqrt(st.G, self.damp)[0]
+    S = st.cached('S', lambda: gram_sqrt(st.G, self.damp)[0])
     dt = torch.float64 if W.shape[-1] <= 1024 else torch.float32       # (O·n² a rank: float32 for the big ones)
     WS,S = (W@S).to(dt),S.to(dt)
     err = lambda r: ((WS - block_kernel(self.build(name, layer, method, r), layer).flatten(-3).to(dt)@S).square().sum()/WS.square().sum()).item()
@@ -504,8 +518,8 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2)->f
     "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches"
     new = copy.deepcopy(model)
     for n,(m,r) in plan.items():
-        blk = self.build(n, self.ref_mods[n], m, r)
-        new.set_submodule(n, blk if blk is not None else _builder(self.ref_mods[n], m)(self.ref_mods[n], r))
+        blk = self.build(n, self.mods[n], m, r)
+        new.set_submodule(n, blk if blk is not None else _builder(self.mods[n], m)(self.mods[n], r))
     with evaluating(new), evaluating(self.ref):
         d = [(flat_outputs(self._forward(self.ref, x)), flat_outputs(self._forward(new, x))) for x in self.xs[:n_batches]]
     y0,y = torch.cat([a for a,_ in d]), torch.cat([b for _,b in d])

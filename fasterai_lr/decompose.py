@@ -236,15 +236,21 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
     if per_layer and (other := [k for k in RANK_OPTIONS[1:] if opts.get(k) is not None]):
         raise ValueError(f"got rank= (per layer) and {other[0]}= at once; pass only one of rank=, keep=, percent_removed=, energy=")
     if isinstance(rank, dict): _check_rank_dict(rank, dict(model.named_modules()))
+    if calib is None: calib = getattr(rank, 'calib', None)   # a budget's own calibration fits the factors too
     _check_calib(calib)
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
     for n,m in model.named_modules():   # a quantized layer is no Linear/Conv2d: say so rather than find nothing to do
         if 'quantized' in type(m).__module__ and type(m).__name__ in [k.__name__ for k in kinds]: check_layer(m, nn.Linear if type(m).__name__=='Linear' else nn.Conv2d, n)
     sel,out = select_layers(model, kinds, layers, exclude),keeps_head(model, head, layers)
+    if isinstance(rank, dict) and out in rank: out = None          # a rank dict that names the output layer asks for it
     # a copy that shares the weights to factorize with `model` (they are read, then replaced); `_unshared` copies what is left
     new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
+    if all(n==out for n,_ in todo) and any(isinstance(m, Factorized) for m in new.modules()):
+        if todo:
+            warnings.warn(f"every {what} layer but the output layer {out!r} (kept: pass head=True to decompose it) is already decomposed; the model is returned as it was")
+            return new, _empty_report()
     if not todo:
         if any(isinstance(m, Factorized) for m in new.modules()):
             among = (f" among layers={layers!r}" if layers else '') + (f" outside exclude={exclude!r}" if exclude else '')
@@ -312,6 +318,7 @@ def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:boo
     for n in (layers or []) + (exclude or []):
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
     if method=='auto' and not (isinstance(opts.get('rank'), dict) or callable(getattr(opts.get('rank'), 'plan', None))): raise ValueError(AUTO)
+    if calib is None: calib = getattr(opts.get('rank'), 'calib', None)   # a budget's own calibration fits the factors too
     _check_calib(calib)
     if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
         opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude, calib=calib, head=head)
