@@ -92,17 +92,17 @@ def resnet50(a):
     import torchvision
     torch.manual_seed(0); torch.set_num_threads(a.threads)
     model = torchvision.models.resnet50(weights=None).eval()
-    xs = [torch.randn(32, 3, 224, 224) for _ in range(8)]
+    xs = [torch.randn(32, 3, 224, 224) for _ in range(a.images//32)]
     t = time.perf_counter()
     with torch.no_grad():
         for x in xs: model(x)
     fwd = time.perf_counter()-t
-    print(f"resnet50 (random weights), 256 images 224², {torch.get_num_threads()} threads: one plain forward pass {fwd:.1f} s", flush=True)
+    print(f"resnet50 (random weights), {a.images} images 224², {torch.get_num_threads()} threads: one plain forward pass {fwd:.1f} s", flush=True)
     for seq in (False, True):
         for meth in a.methods.split(','):
             t = time.perf_counter()
-            new,rep = decompose_model(model, meth, rank=(b := Budget(params=0.5)), calib=Calibration(xs, sequential=seq, max_rows=a.max_rows), quiet=True)
-            print(f"  decompose_model(resnet50, {meth!r}, rank=Budget(params=0.5), calib=Calibration(256 images, sequential={seq}, max_rows={a.max_rows})): "
+            new,rep = decompose_model(model, meth, rank=(b := Budget(params=0.5)), calib=Calibration(xs, n_batches=len(xs), sequential=seq, max_rows=a.max_rows), quiet=True)
+            print(f"  decompose_model(resnet50, {meth!r}, rank=Budget(params=0.5), calib=Calibration({a.images} images, sequential={seq}, max_rows={a.max_rows})): "
                   f"{time.perf_counter()-t:.1f} s ({fwd and (time.perf_counter()-t)/fwd:.1f}× the forward pass); plan chosen: {b.chosen} of {b.checked}", flush=True)
 
 if __name__=='__main__':
@@ -111,6 +111,7 @@ if __name__=='__main__':
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--resnet50', action='store_true')
     ap.add_argument('--methods', default='svd,tucker', help="methods for --resnet50")
+    ap.add_argument('--images', type=int, default=256, help="calibration images for --resnet50 (batches of 32)")
     ap.add_argument('--max-rows', type=int, default=8192, help="Calibration(max_rows=) for --resnet50: rows per batch and layer in a Gram")
     a = ap.parse_args()
     resnet50(a) if a.resnet50 else main(a)

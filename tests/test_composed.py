@@ -193,3 +193,22 @@ def test_bad_input_of_the_composed_path():
     with pytest.raises(TypeError, match='replaced by calib=Calibration'): Budget(params=0.5, sensitivity=DATA)
     with pytest.raises(TypeError, match='pass True'): DecomposeCallback(calib='yes')
     with pytest.raises(ValueError, match='n_inp='): Calibration(DATA, n_inp=0)
+
+class Twins(nn.Module):
+    "Two identical branches, one scaled by 0.01: its errors reach the output 10⁴ times less"
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a,self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head((self.a(h) + 0.01*self.b(h)).mean((2, 3)))
+
+def test_sensitivity_spends_where_the_output_feels_it():
+    net = Twins().eval()
+    b = Budget(params=0.45, calib=Calibration(DATA))
+    decompose_model(net, 'svd', rank=b, quiet=True)
+    r = b.report.set_index('layer')
+    assert b.chosen == 'greedy, sensitivity', b.checked
+    assert r.loc['b', 'cost_after'] < r.loc['a', 'cost_after'], r[['cost', 'cost_after']]

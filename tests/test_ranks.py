@@ -191,7 +191,7 @@ def test_budget_beats_uniform_on_output_error(k):
 def test_budget_checks_plans_end_to_end():
     "`.checked`: the whole model's output error of each candidate plan on the calibration data; `.chosen`: the least; the decomposed model has that error"
     net,xs,uni,b,glob = calibrated_budget(0.4)
-    assert 'greedy' in b.checked and set(b.checked) <= {'greedy', 'minmax', 'uniform'}, b.checked
+    assert 'greedy' in b.checked and set(b.checked) <= {'greedy', 'minmax', 'uniform', 'greedy, sensitivity'}, b.checked
     assert all(0 < v < 1 for v in b.checked.values()), b.checked
     assert b.chosen == min(b.checked, key=b.checked.get), (b.chosen, b.checked)
     e = out_err(glob, net, xs[:2])                                        # the check runs on the first 2 calibration batches
