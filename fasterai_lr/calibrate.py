@@ -275,7 +275,7 @@ class Calibration:
             raise ValueError(f"damp={damp!r}: pass 0 (pure data fit) or a small positive ridge such as 0.01")
         if n_inp is not None and not (_is_int(n_inp) and n_inp > 0): raise ValueError(f"n_inp={n_inp!r}; pass a positive int (how many items of each batch the model takes)")
         store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
-        self.xs,self.stats,self._cp,self._fp = None,{},{},None
+        self.xs,self.stats,self._cp,self._y0,self._fp = None,{},{},{},None
 
     def batches(self)->list:
         "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
@@ -285,7 +285,7 @@ class Calibration:
     def prepare(self, model:nn.Module, names:list):
         "Keep `model` (decomposed in place by the caller), a dense copy of it, and the `names` of the layers to calibrate"
         fp = _fingerprint(model)
-        if fp != self._fp: self.stats,self._cp,self._fp = {},{},fp   # new weights (another stage, more training): statistics anew
+        if fp != self._fp: self.stats,self._cp,self._y0,self._fp = {},{},{},fp   # new weights (another stage, more training): statistics anew
         self.model,self.names = model,list(names)
         self.ref = copy.deepcopy(model).eval()
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
@@ -503,7 +503,8 @@ def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
 @patch
 def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:list)->np.ndarray:
     "Relative squared output error ‖(W−Ŵ)S‖²/‖WS‖² of `layer`'s data-aware `method` block at each of `ranks` on the calibration data (G = SSᵀ): exact for SVD, from the built factors otherwise"
-    st = self.collect(kinds=[(name, 'patch'), (name, stat_kind(layer, method))]).stats[(name, 'patch')]
+    names = self.names if name in self.names else [name]               # one pass for every prepared layer, not one per layer
+    st = self.collect(kinds=[(n, k) for n in names for k in dict.fromkeys(('patch', stat_kind(self.ref_mods[n], method)))]).stats[(name, 'patch')]
     if st.rows==0: return np.array([np.nan]*len(ranks))                  # no data reached it: no curve to go by
     W = kernel(layer).flatten(-3).double()
     if method=='svd': return output_errors(W, st.G, self.damp).square()[torch.tensor(ranks)].numpy()
@@ -520,7 +521,7 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2)->f
     for n,(m,r) in plan.items():
         blk = self.build(n, self.mods[n], m, r)
         new.set_submodule(n, blk if blk is not None else _builder(self.mods[n], m)(self.mods[n], r))
-    with evaluating(new), evaluating(self.ref):
-        d = [(flat_outputs(self._forward(self.ref, x)), flat_outputs(self._forward(new, x))) for x in self.xs[:n_batches]]
-    y0,y = torch.cat([a for a,_ in d]), torch.cat([b for _,b in d])
+    if n_batches not in self._y0:                                       # the dense outputs, once for every plan checked
+        with evaluating(self.ref): self._y0[n_batches] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in self.xs[:n_batches]])
+    with evaluating(new): y,y0 = torch.cat([flat_outputs(self._forward(new, x)) for x in self.xs[:n_batches]]), self._y0[n_batches]
     return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()
