@@ -514,14 +514,20 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     err = lambda r: ((WS - block_kernel(self.build(name, layer, method, r), layer).flatten(-3).to(dt)@S).square().sum()/WS.square().sum()).item()
     return np.array([err(r) for r in ranks])
 
+def _first(batch, n:int|None):
+    "The first `n` samples of a batch (args, kwargs): every tensor cut along its first dim"
+    cut = lambda v: v[:n] if isinstance(v, Tensor) and v.ndim and n else v
+    return tuple(map(cut, batch[0])), {k: cut(v) for k,v in batch[1].items()}
+
 @patch
-def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2)->float:
-    "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches"
+def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None)->float:
+    "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches (their first `samples`)"
     new = copy.deepcopy(model)
     for n,(m,r) in plan.items():
         blk = self.build(n, self.mods[n], m, r)
         new.set_submodule(n, blk if blk is not None else _builder(self.mods[n], m)(self.mods[n], r))
-    if n_batches not in self._y0:                                       # the dense outputs, once for every plan checked
-        with evaluating(self.ref): self._y0[n_batches] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in self.xs[:n_batches]])
-    with evaluating(new): y,y0 = torch.cat([flat_outputs(self._forward(new, x)) for x in self.xs[:n_batches]]), self._y0[n_batches]
+    xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
+    if k not in self._y0:                                               # the dense outputs, once for every plan checked
+        with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])
+    with evaluating(new): y,y0 = torch.cat([flat_outputs(self._forward(new, x)) for x in xs]), self._y0[k]
     return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()

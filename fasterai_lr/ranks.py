@@ -336,7 +336,7 @@ def _sensitive(model, curves, pick, limit, by, calib)->list:
     w0 = [c.weight for c in curves]
     for c,j in zip(curves, pick):
         o = _option(c, j)
-        if o is not None and c.err[j] > 1e-12: c.weight = c.weight*max(calib.plan_error(model, {c.name: o}, n_batches=1)**2/c.err[j], 1e-6)
+        if o is not None and c.err[j] > 1e-12: c.weight = c.weight*max(calib.plan_error(model, {c.name: o}, n_batches=1, samples=16)**2/c.err[j], 1e-6)   # (a forward a layer: 16 samples)
     try: return allocate(curves, limit, by, 'greedy')
     finally:
         for c,w in zip(curves, w0): c.weight = w
