@@ -329,10 +329,10 @@ class Calibration:
             for h in hooks: h.remove()
         self.stats[(name,kind,'seq')] = s.all_reduce(paired=True)
 
-    def layer_stats(self, name:str, layer:nn.Module, method:str)->Stats:
-        "The statistics of layer `name` for `method`, streamed now (for every prepared layer at once) if they are not there yet"
+    def layer_stats(self, name:str, layer:nn.Module, method:str, sequential:bool|None=None)->Stats:
+        "The statistics of layer `name` for `method` (`sequential`: this calibration's mode by default), streamed now (for every prepared layer at once) if they are not there yet"
         kind = stat_kind(layer, method)
-        if self.sequential: 
+        if self.sequential if sequential is None else sequential: 
             if (name,kind,'seq') not in self.stats: self._collect_sequential(name, kind)
             return self.stats[(name,kind,'seq')]
         if (name,kind) not in self.stats: self.collect(method, self.names if name in self.names else [name])
@@ -385,9 +385,9 @@ def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
     return fill(blk, bias=None if layer.bias is None else layer.bias.detach())
 
 @patch
-def build(self:Calibration, name:str, layer:nn.Module, method:str, rank)->Factorized|None:
-    "The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it"
-    st = self.layer_stats(name, layer, method)
+def build(self:Calibration, name:str, layer:nn.Module, method:str, rank, sequential:bool|None=None)->Factorized|None:
+    "The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it (`sequential`: this calibration's mode by default)"
+    st = self.layer_stats(name, layer, method, sequential)
     if st.rows==0: return None
     return _fill(_blank(layer, method, rank, self._cp), layer, st, self.damp)
 
@@ -511,7 +511,7 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     S = st.cached('S', lambda: gram_sqrt(st.G, self.damp)[0])
     dt = torch.float64 if W.shape[-1] <= 1024 else torch.float32       # (O·n² a rank: float32 for the big ones)
     WS,S = (W@S).to(dt),S.to(dt)
-    err = lambda r: ((WS - block_kernel(self.build(name, layer, method, r), layer).flatten(-3).to(dt)@S).square().sum()/WS.square().sum()).item()
+    err = lambda r: ((WS - block_kernel(self.build(name, layer, method, r, sequential=False), layer).flatten(-3).to(dt)@S).square().sum()/WS.square().sum()).item()
     return np.array([err(r) for r in ranks])
 
 def _first(batch, n:int|None):
@@ -524,7 +524,7 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, sa
     "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches (their first `samples`)"
     new = copy.deepcopy(model)
     for n,(m,r) in plan.items():
-        blk = self.build(n, self.mods[n], m, r)
+        blk = self.build(n, self.mods[n], m, r, sequential=False)        # (plans are compared on the dense model's statistics: one pass for all)
         new.set_submodule(n, blk if blk is not None else _builder(self.mods[n], m)(self.mods[n], r))
     xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
     if k not in self._y0:                                               # the dense outputs, once for every plan checked
