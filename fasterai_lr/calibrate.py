@@ -13,13 +13,12 @@ from fastcore.basics import store_attr, patch
 from fastai.data.core import DataLoaders
 from .factorize import *
 from .layers import *
-from .layers import _is_int
-from .decompose import evaluating
+from .decompose import evaluating, to_model, describe_inputs
 
 # %% auto #0
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
-           'spatial_svd_data', 'cp_front', 'tucker2_data', 'patch_rows', 'n_rows', 'as_inputs', 'to_model',
-           'flat_outputs', 'calib_batches', 'stat_kind', 'Stats', 'Calibration', 'block_kernel']
+           'spatial_svd_data', 'cp_front', 'tucker2_data', 'patch_rows', 'n_rows', 'as_inputs', 'flat_outputs',
+           'calib_batches', 'stat_kind', 'Stats', 'Calibration', 'block_kernel']
 
 # %% ../nbs/04_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -143,22 +142,12 @@ def as_inputs(batch, n_inp:int=1)->tuple[tuple,dict]:
     if isinstance(batch, (tuple, list)): return tuple(batch[:n_inp]), {}
     return (batch,), {}
 
-def to_model(x, model:nn.Module):
-    "Tensors in `x` (nested in tuples, lists and dicts) on `model`'s device, floating ones in its float dtype"
-    p = next(model.parameters(), None)
-    if p is None: return x
-    if isinstance(x, Tensor): return x.to(p.device, p.dtype) if x.is_floating_point() and p.is_floating_point() else x.to(p.device)
-    if isinstance(x, Mapping): return {k: to_model(v, model) for k,v in x.items()}
-    if isinstance(x, (tuple, list)): return type(x)(to_model(v, model) for v in x)
-    return x
-
 def flat_outputs(y)->Tensor:
     "Every tensor in a model's output (a tensor, or tuples, lists and dicts of them, e.g. a Hugging Face ModelOutput) as one flat float vector"
     if isinstance(y, Tensor): return y.flatten().float()
     vs = [flat_outputs(v) for v in (y.values() if isinstance(y, Mapping) else y if isinstance(y, (tuple, list)) else []) if isinstance(v, (Tensor, Mapping, tuple, list))]
     return torch.cat(vs) if vs else torch.zeros(0)
 
-def _describe(args, kw)->str: return ', '.join([f"{tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__ for v in args] + [f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}" for k,v in kw.items()])
 
 def calib_batches(data, n_batches:int, n_inp:int|None=None)->list[tuple[tuple,dict]]:
     "Up to `n_batches` model inputs (args, kwargs) from a DataLoader, DataLoaders (its `train`), an iterable of batches or one tensor"
@@ -172,6 +161,8 @@ def calib_batches(data, n_batches:int, n_inp:int|None=None)->list[tuple[tuple,di
     for i,(args,kw) in enumerate(batches):
         ts = [v for v in (*args, *kw.values()) if isinstance(v, Tensor)]
         if not ts: raise TypeError(f"calibration batches must be tensors, tuples (x, y) or dicts of tensors as the model takes them; batch {i} is a {type(raw[i]).__name__}")
+        if any(t.is_meta for t in ts):
+            raise ValueError(f"calibration batch {i} is on the meta device and holds no values; pass batches of real data (on the CPU or the model's device)")
         if any(t.is_floating_point() and not all_finite(t) for t in ts): raise ValueError(f"calibration batch {i} has non-finite values (NaN or Inf); pass finite inputs")
     return batches
 
@@ -270,12 +261,15 @@ class Calibration:
                  max_rows:int=8192,          # at most this many rows (positions × images) per batch and layer enter a Gram
                  n_inp:int|None=None,        # how many items of a tuple batch are model inputs (the DataLoader's `n_inp`, else 1: (x, y) pairs)
                 ):
-        if not (_is_int(n_batches) and n_batches > 0): raise ValueError(f"n_batches={n_batches!r}; pass a positive int")
-        if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
-            raise ValueError(f"damp={damp!r}: pass 0 (pure data fit) or a small positive ridge such as 0.01")
-        if n_inp is not None and not (_is_int(n_inp) and n_inp > 0): raise ValueError(f"n_inp={n_inp!r}; pass a positive int (how many items of each batch the model takes)")
+        n_batches = check_number(n_batches, 'n_batches', 'a positive int (at most this many batches are drawn), e.g. n_batches=8', lo=1, integer=True)
+        damp = check_number(damp, 'damp', '0 (pure data fit) or a small positive ridge such as damp=0.01', lo=0)
+        max_rows = check_number(max_rows, 'max_rows', 'a positive int (rows per batch and layer in a Gram), e.g. max_rows=8192', lo=1, integer=True)
+        if n_inp is not None: n_inp = check_number(n_inp, 'n_inp', 'a positive int (how many items of each batch the model takes), or None', lo=1, integer=True)
+        if not isinstance(sequential, (bool, np.bool_)):
+            raise TypeError(f"sequential={sequential!r} is not a bool; pass True (each layer on the outputs of those decomposed before it) or False")
+        sequential = bool(sequential)
         store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
-        self.xs,self.stats,self._cp,self._y0,self._fp = None,{},{},{},None
+        self.xs,self.stats,self._cp,self._y0,self._fp,self._work = None,{},{},{},None,None
 
     def batches(self)->list:
         "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
@@ -284,8 +278,11 @@ class Calibration:
 
     def prepare(self, model:nn.Module, names:list):
         "Keep `model` (decomposed in place by the caller), a dense copy of it, and the `names` of the layers to calibrate"
+        if meta := [n for n,t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]:
+            raise ValueError(f"the model has {len(meta)} tensors on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}), with no values to calibrate; "
+                             "materialize the model (e.g. model.to_empty(device='cpu') and load its state_dict) first")
         fp = _fingerprint(model)
-        if fp != self._fp: self.stats,self._cp,self._y0,self._fp = {},{},{},fp   # new weights (another stage, more training): statistics anew
+        if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work = {},{},{},fp,None   # new weights: statistics anew
         self.model,self.names = model,list(names)
         self.ref = copy.deepcopy(model).eval()
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
@@ -297,7 +294,7 @@ class Calibration:
         try:
             with torch.no_grad(): return model(*args, **kw)
         except _Stop: raise
-        except Exception as e: raise ValueError(f"calibration batch {i} ({_describe(args, kw)}) does not run through the model ({type(e).__name__}: {e}); "
+        except Exception as e: raise ValueError(f"calibration batch {i} ({describe_inputs(args, kw)}) does not run through the model ({type(e).__name__}: {e}); "
                                                 "pass batches of the inputs the model takes, as it sees them in training") from e
 
     def collect(self, method:str|None=None, names:list|None=None, kinds:dict|None=None):
@@ -520,14 +517,28 @@ def _first(batch, n:int|None):
     return tuple(map(cut, batch[0])), {k: cut(v) for k,v in batch[1].items()}
 
 @patch
+def _working_copy(self:Calibration, model:nn.Module)->nn.Module:
+    "The copy of `model` that `plan_error` swaps blocks into and out of: one per model and weights, not one per plan"
+    fp = _fingerprint(model)
+    w = getattr(self, '_work', None)   # (a Calibration pickled before it had one)
+    if w is None or w[0] is not model or w[1]!=fp: self._work = (model, fp, copy.deepcopy(model))
+    return self._work[2]
+
+@patch
 def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None)->float:
     "Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches` calibration batches (their first `samples`)"
-    new = copy.deepcopy(model)
+    blks = {}
     for n,(m,r) in plan.items():
-        blk = self.build(n, self.mods[n], m, r, sequential=False)        # (plans are compared on the dense model's statistics: one pass for all)
-        new.set_submodule(n, blk if blk is not None else _builder(self.mods[n], m)(self.mods[n], r))
+        b = self.build(n, self.mods[n], m, r, sequential=False)          # (plans compared on the dense model's statistics)
+        blks[n] = b if b is not None else _builder(self.mods[n], m)(self.mods[n], r)
     xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
     if k not in self._y0:                                               # the dense outputs, once for every plan checked
         with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])
-    with evaluating(new): y,y0 = torch.cat([flat_outputs(self._forward(new, x)) for x in xs]), self._y0[k]
+    work = self._working_copy(model)
+    kept = {n: work.get_submodule(n) for n in blks}
+    try:
+        for n,b in blks.items(): work.set_submodule(n, b)
+        with evaluating(work): y,y0 = torch.cat([flat_outputs(self._forward(work, x)) for x in xs]), self._y0[k]
+    finally:
+        for n,l in kept.items(): work.set_submodule(n, l)              # the copy back to the model as it is, for the next plan
     return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()

@@ -12,7 +12,7 @@ from fastcore.basics import patch, noop
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from .layers import Factorized, rank_option
+from .layers import Factorized, rank_option, _is_int, _is_real, _py
 from torch.nn.parallel import DistributedDataParallel as DDP
 from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, select_layers, layer_names, unwrap, AUTO
 from .calibrate import Calibration
@@ -98,9 +98,14 @@ def swap_model(self:Learner, model:nn.Module)->nn.Module:
 
 # %% ../nbs/05_callback.ipynb #390b132f
 def _check_start(e):
-    if isinstance(e, bool) or not isinstance(e, (int, float)) or isinstance(e, int) and e < 0 or isinstance(e, float) and not 0 <= e < 1:
+    "`e` as a Python int epoch or float fraction of training (numpy numbers too), or a clear error"
+    if not (_is_int(e) and e >= 0 or _is_real(e) and not _is_int(e) and 0 <= e < 1):
         raise ValueError(f"start_epoch={e!r} is not an epoch; pass an int epoch ≥ 0, a float fraction of training in [0, 1), or a list of them for several stages")
-    return e
+    return _py(e)
+
+def _start_iter(e, n_epoch:int, n_iter:int)->int:
+    "The training iteration `start_epoch`=`e` stands for: epoch `e`'s first, or the first at or past a fraction (the last at the latest)"
+    return e*n_iter if isinstance(e, int) else min(math.ceil(e*n_epoch*n_iter), n_epoch*n_iter-1)
 
 
 class DecomposeCallback(Callback):
@@ -147,7 +152,7 @@ class DecomposeCallback(Callback):
         left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
         n_iter = len(self.dls.train)
         for i,(e,l) in enumerate(zip(self.starts, left)):
-            at = e*n_iter if isinstance(e, int) else math.ceil(e*self.n_epoch*n_iter)
+            at = _start_iter(e, self.n_epoch, n_iter)
             if at >= self.n_epoch*n_iter:
                 hint = " (the learner is frozen: in fine_tune's first, frozen fit, the callback decomposes in the unfrozen fit that follows)" if self.opt.frozen_idx else ''
                 warnings.warn(f"DecomposeCallback: start_epoch={e} is at or past the end of this fit ({self.n_epoch} epochs), so it will not decompose in it; pass a start_epoch below {self.n_epoch}, or a fraction of training such as 0.5" + hint)

@@ -6,9 +6,11 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/decompose.html.md"""
 
 # %% ../nbs/02_decompose.ipynb #90801360
 from __future__ import annotations
-import copy, functools, inspect, re, warnings, torch, pandas as pd
+import copy, functools, inspect, re, sys, warnings, torch, pandas as pd
+from collections.abc import Mapping
 from contextlib import contextmanager
 from torch import nn, Tensor
+from torch.nn.utils import prune
 from fastcore.basics import store_attr
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
@@ -17,15 +19,17 @@ from .layers import *
 from .layers import _src, _is_int
 
 # %% auto #0
-__all__ = ['HEAD_NOTE', 'PER_LAYER', 'AUTO', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input', 'layer_shapes',
-           'layer_costs', 'skip_reason', 'under', 'unwrap', 'output_layer', 'keeps_head', 'select_layers',
-           'layer_names', 'decompose_layers', 'report_totals', 'decompose_model']
+__all__ = ['HEAD_NOTE', 'HOOKS', 'PER_LAYER', 'AUTO', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input',
+           'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason', 'under', 'unwrap',
+           'output_layer', 'keeps_head', 'module_paths', 'select_layers', 'tied_params', 'tie_groups', 'tied_block',
+           'to_model', 'watching_reads', 'describe_inputs', 'probe', 'read_reason', 'move_hooks', 'first_names',
+           'layer_names', 'screen', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/02_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
     check_layer(layer, kind, name, call)
     opt,v = rank_option(**opts, name=name)
-    return build(layer, layer_rank(kernel(layer), method, opt, v, name))
+    return build(layer, checked_rank(layer, method, opt, v, name))
 
 class FC_Decomposer:
     "Decompose `nn.Linear` layers by truncated SVD: W ≈ A·B → Linear(in, r, bias=False) → Linear(r, out) with the original bias"
@@ -71,9 +75,10 @@ def sample_input(model:nn.Module, sample)->Tensor:
     return x.to(p.device if p is not None else 'cpu', p.dtype if p is not None and x.is_floating_point() else x.dtype)
 
 def layer_shapes(model:nn.Module, sample, names)->dict:
-    "Input and output shapes of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
+    "(input shape, output shape, calls) of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
     x,shapes,mods = sample_input(model, sample),{},dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m,i,o,n=n: shapes.__setitem__(n, (tuple(i[0].shape), tuple(o.shape)))) for n in names]
+    def seen(n, i, o): shapes[n] = (tuple(i[0].shape), tuple(o.shape), shapes.get(n, (0,0,0))[2]+1)   # a module used twice runs twice
+    hooks = [mods[n].register_forward_hook(lambda m,i,o,n=n: seen(n, i, o)) for n in names]
     try:
         with evaluating(model), torch.no_grad(): model(x)
     except Exception as e: raise ValueError(f"sample= of shape {tuple(x.shape)} does not run through the model ({type(e).__name__}: {e}); "
@@ -90,26 +95,48 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     if isinstance(layer, nn.Linear) and shapes: tokens = max(1, int(torch.tensor(shapes[1][1:-1]).prod()))
     p,m = conv_costs(method or 'original', rank, O, I, kh, kw, G, hw_in, hw_out)
     if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
-    return p, (m if shapes else None)
+    return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
 
 # %% ../nbs/02_decompose.ipynb #3a531dbe
 @functools.cache
-def _forward_source(cls:type)->str:
-    try: return inspect.getsource(cls.forward)
-    except (OSError, TypeError): return ''
+def _sources(cls:type, only_forward:bool=True)->tuple:
+    "(qualified name, source) of `cls`'s own methods and its bases' up to nn.Module: `forward` only, or every method but the initializers"
+    out = []
+    for c in cls.__mro__:
+        if c is nn.Module: break
+        for k,f in vars(c).items():
+            if callable(f) and (k=='forward' if only_forward else not re.search('init|reset', k)):
+                try: out.append((f"{c.__name__}.{k}", inspect.getsource(f)))
+                except (OSError, TypeError): pass
+    return tuple(out)
+
+def layer_attrs(layer:nn.Module)->list:
+    "What a parent could read of `layer` that its block no longer has: parameters, buffers and settings (`weight`, `in_features`, `stride`, ...)"
+    return [*layer._parameters, *layer._buffers, *(k for k in vars(layer) if not k.startswith('_') and k!='training')]
+
+def _path_pattern(rel:str)->str:
+    "`rel` (a module path such as 'body.0') as code spells it: `.body.0`, `.body[0]`"
+    return ''.join(rf"(?:\.\s*{p}|\[\s*{p}\s*\])" if p.isdigit() else rf"\.\s*{re.escape(p)}" for p in rel.split('.'))
+
+def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)->str|None:
+    "The method of an enclosing module whose source reads `layer`'s `layer_attrs` by its path (`s.fc.weight`, `self.body[0].bias`, `getattr(self, 'fc').weight`), or None"
+    attrs,parts = '|'.join(map(re.escape, layer_attrs(layer))),name.split('.')
+    by_name = rf"getattr\([^()]*['\"]{re.escape(parts[-1])}['\"]\s*\)\s*\.\s*({attrs})\b"
+    for i in range(len(parts)-1, -1, -1):
+        up = '.'.join(parts[:i])
+        pat = re.compile(rf"(?<![\w.\]])\w+\s*{_path_pattern('.'.join(parts[i:]))}\s*\.\s*({attrs})\b|" + by_name)
+        if (m := mods.get(up)) is not None and (hit := next((q for q,src in _sources(type(m), only_forward) if pat.search(src)), None)): return hit
 
 def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     "Why `layer` (called `name` in a model whose `named_modules()` are `parents`) must stay as it is, or None"
     if type(layer).forward is not (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d).forward: return f"{type(layer).__name__} has its own forward"
-    up,_,child = name.rpartition('.')
-    if (parent := parents.get(up)) is not None and re.search(rf"self\.{re.escape(child)}\.(weight|bias)\b", _forward_source(type(parent))):
-        return f"read directly by {type(parent).__name__}.forward"
+    if by := source_reader(name, layer, parents): return f"read directly by {by}"
     if isinstance(layer, nn.Conv2d) and layer.in_channels//layer.groups == 1:
         return "depthwise: one input channel per group, nothing to factorize" if layer.groups > 1 else "one input channel: a few filters, too small to factorize"
 
 def under(name:str, names)->bool:
-    "`name` is one of `names` or a module inside one of them"
-    return any(name==n or name.startswith(n+'.') for n in names or [])
+    "`name` is one of `names` or a module inside one of them ('' is the whole model)"
+    return any(name==n or n=='' or name.startswith(n+'.') for n in names or [])
 
 def unwrap(model:nn.Module)->nn.Module:
     "The model a DataParallel/DistributedDataParallel wraps, or `model`"
@@ -127,6 +154,12 @@ def keeps_head(model:nn.Module, head:bool, layers=None)->str|None:
     "The output layer that a whole-model walk leaves as it is: unless `head`, or `layers` names it"
     return None if head or (out := output_layer(model)) in (layers or []) else out
 
+def module_paths(model:nn.Module)->dict:
+    "{name: every name it has} of the modules of `model` used at more than one place (`name` as `named_modules()` gives it)"
+    paths = {}
+    for n,m in model.named_modules(remove_duplicate=False): paths.setdefault(id(m), []).append(n)
+    return {ns[0]: ns for ns in paths.values() if len(ns) > 1}
+
 def select_layers(model:nn.Module,
                   kinds,              # the layer class, or a tuple of them
                   layers=None,        # names of layers, or of modules holding them, to take (all if None)
@@ -136,15 +169,114 @@ def select_layers(model:nn.Module,
                  )->list:
     "(name, layer) of the `kinds` layers of `model` in or under `layers`, not under `exclude` nor in a `Factorized` block"
     mods,kinds = dict(model.named_modules()),tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
+    every,paths = dict(model.named_modules(remove_duplicate=False)),module_paths(model)   # (a module used at two places has two names)
     what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
     if both := [n for n in layers or [] if n in (exclude or [])]: raise ValueError(f"{both[0]!r} is in both layers= and exclude=; a layer is either decomposed or left as it is")
     for n in (layers or []) + (exclude or []):
-        if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kinds)][:3]}")
-        if not any(under(k, [n]) and isinstance(m, kinds) for k,m in mods.items()):
-            raise ValueError(f"{n!r} is a {type(mods[n]).__name__} with no {what} in it; pass names of {what} layers or of modules holding them")
+        if n not in every: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kinds)][:3]}")
+        if not any(under(k, [n]) and isinstance(m, kinds) for k,m in every.items()):
+            raise ValueError(f"{n!r} is a {type(every[n]).__name__} with no {what} in it; pass names of {what} layers or of modules holding them")
     done,out = [k for k,m in mods.items() if isinstance(m, Factorized)],keeps_head(model, head, layers)   # already decomposed: its factors are left as they are
-    return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or under(k, layers)) and not under(k, exclude)
+    at = lambda k: paths.get(k, [k])
+    return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and (layers is None or any(under(a, layers) for a in at(k))) and not any(under(a, exclude) for a in at(k))
             and not under(k, done) and k!=out and not (usable and skip_reason(k, m, mods))]
+
+# %% ../nbs/02_decompose.ipynb #5d7e0c21
+def tied_params(model:nn.Module)->dict:
+    "{module name: [(its parameter, other module, the other's name for it)]} of the modules holding a `Parameter` another module holds too"
+    owners,ties = {},{}
+    for n,m in model.named_modules():
+        for k,p in m._parameters.items():
+            if p is not None: owners.setdefault(id(p), []).append((n, k))
+    for os in owners.values():
+        for n,k in os: ties.setdefault(n, []).extend((k, o, ok) for o,ok in os if o!=n)
+    return {n: t for n,t in ties.items() if t}
+
+def _geometry(m): return (type(m), *(getattr(m, k, None) for k in ('kernel_size','stride','padding','dilation','groups','padding_mode')))
+
+def tie_groups(model:nn.Module, names:list)->tuple[dict,dict]:
+    "Layers `names` that hold tied weights: ({follower: leader} of tie groups decomposed as one, {name: why it stays} of the others)"
+    ties,mods,follow,stay = tied_params(model),dict(model.named_modules()),{},{}
+    for n in names:
+        if n in follow or n in stay or n not in ties: continue
+        group = [o for _,o,_ in ties[n]]
+        if bad := next(((k,o,ok) for k,o,ok in ties[n] if o not in names or k!=ok or _geometry(mods[o])!=_geometry(mods[n])), None):
+            k,o,ok = bad
+            why = "which is not decomposed with it" if o not in names else "a layer of another shape or geometry, or tied by another parameter"
+            for g in [n, *group]:
+                if g in names: stay[g] = f"its {k} is tied to {o}.{ok} ({type(mods[o]).__name__}), {why}: decomposing one side would untie them"
+        else: follow.update({o: n for o in group})
+    return follow, stay
+
+def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
+    "The block for `layer`, whose weight is tied to `leader`'s: `blk` (the leader's block) with the same factor weights and `layer`'s own bias"
+    new = copy.deepcopy(blk, {id(p): p for p in blk.parameters()})
+    new[-1].bias = blk[-1].bias if layer.bias is not None and layer.bias is leader.bias else layer.bias
+    return new
+
+# %% ../nbs/02_decompose.ipynb #8e41b7f3
+def to_model(x, model:nn.Module):
+    "Tensors in `x` (nested in tuples, lists and dicts) on `model`'s device, floating ones in its float dtype"
+    p = next(model.parameters(), None)
+    if p is None: return x
+    if isinstance(x, Tensor): return x.to(p.device, p.dtype) if x.is_floating_point() and p.is_floating_point() else x.to(p.device)
+    if isinstance(x, Mapping): return {k: to_model(v, model) for k,v in x.items()}
+    if isinstance(x, (tuple, list)): return type(x)(to_model(v, model) for v in x)
+    return x
+
+def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
+    "`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code"
+    class Watched(cls):
+        def forward(self, *args, **kw):
+            self.__dict__['_own'] = True
+            try: return super().forward(*args, **kw)
+            finally: self.__dict__['_own'] = False
+        def __getattribute__(self, k):
+            if k in attrs and name not in seen and not object.__getattribute__(self, '__dict__').get('_own'): seen[name] = (k, sys._getframe(1).f_code.co_qualname)
+            return super().__getattribute__(k)
+    Watched.__name__ = Watched.__qualname__ = cls.__name__
+    return Watched
+
+@contextmanager
+def watching_reads(model:nn.Module, names:list):
+    "Inside, the layers `names` of `model` note any read of their `layer_attrs` from outside their own forward: yields {name: (attribute, reader)}"
+    mods,seen,classes = dict(model.named_modules()),{},{}
+    try:
+        for n in names: classes[n] = type(mods[n]); mods[n].__class__ = _watched(n, classes[n], set(layer_attrs(mods[n])), seen)
+        yield seen
+    finally:
+        for n,c in classes.items(): mods[n].__class__ = c; mods[n].__dict__.pop('_own', None)
+
+def describe_inputs(args, kw)->str:
+    "The shapes (or types) of a model call's `args` and `kw`, for error messages"
+    return ', '.join([f"{tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__ for v in args] + [f"{k}={tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}" for k,v in kw.items()])
+
+def probe(model:nn.Module, sample=None, calib=None)->bool:
+    "Run `model` once, in eval mode, on `sample` (a batch or the shape of one) or the first batch of `calib`: False when there is neither"
+    if sample is not None: args,kw,what = (sample_input(model, sample),),{},'sample='
+    elif callable(getattr(calib, 'batches', None)): (args,kw),what = to_model(calib.batches()[0], model),'calibration batch 0'
+    else: return False
+    try:
+        with evaluating(model), torch.no_grad(): model(*args, **kw)
+    except Exception as e: raise ValueError(f"{what} ({describe_inputs(args, kw)}) does not run through the model ({type(e).__name__}: {e}); "
+                                            "pass batches of the inputs the model takes, as it sees them in training") from e
+    return True
+
+def read_reason(name:str, layer:nn.Module, mods:dict, reads:dict, probed:bool)->str|None:
+    "Why `layer` must stay because its parents read it: from `reads` of a forward pass when `probed`, else from their source"
+    if probed: return f"its {reads[name][0]} is read outside its forward, by {reads[name][1]} (seen in a forward pass)" if name in reads else None
+    if by := source_reader(name, layer, mods, only_forward=False):
+        return f"its weights or settings may be read outside its forward: {by} names them (pass sample= to check by running the model)"
+
+HOOKS = ('_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called')
+
+def move_hooks(layer:nn.Module, blk:nn.Module)->str:
+    "Give `blk` the forward hooks of `layer` (the block takes its input and gives its output): the report's note, '' when it had none"
+    if layer._backward_hooks or layer._backward_pre_hooks:
+        warnings.warn(f"{_src(layer)} has backward hooks: they are dropped with it (register them on the block, whose input and output gradients are the layer's)")
+    if not (n := len(layer._forward_pre_hooks) + len(layer._forward_hooks)): return ''
+    for h in HOOKS: setattr(blk, h, getattr(layer, h))   # the same dicts: a handle's .remove() still works
+    return f"its {n} forward hook{'s'*(n>1)} now run{'s'*(n==1)} on the block"
 
 # %% ../nbs/02_decompose.ipynb #b81cfcbd
 def _plan(rank, new, cands, sample=None, calib=None):
@@ -182,9 +314,23 @@ def _check_rank_dict(plan:dict, mods:dict):
 
 PER_LAYER = dict(svd='SVD', tucker='Tucker', cp='CP', spatial='Spatial')
 
+def first_names(plan:dict, model:nn.Module)->dict:
+    "`plan` keyed by the names `named_modules()` gives: a layer used at several places may be named by any of them"
+    first = {a: n for n,ps in module_paths(model).items() for a in ps}
+    return {first.get(k, k): v for k,v in plan.items()}
+
+def _pruned(model): return next(((n, h._tensor_name) for n,m in model.named_modules() for h in m._forward_pre_hooks.values()
+                                if isinstance(h, prune.BasePruningMethod)), None)
+
 def _check_model(model, call:str, kind:type|None=None, method:str='svd'):
     "A clear error for a `model` that `call` cannot take"
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{call} takes an nn.Module; this one is compiled by TorchScript (torch.jit.script or trace), its layers are no longer nn.Linear/nn.Conv2d: decompose the model, then script the result")
     if not isinstance(model, nn.Module): raise TypeError(f"{call} takes an nn.Module, got {type(model).__name__}")
+    if pruned := _pruned(model):
+        n,k = pruned
+        raise ValueError(f"{n or 'the model'} is pruned with torch.nn.utils.prune ({k}_orig and {k}_mask, recomputed at each forward): "
+                         f"make the pruning permanent with prune.remove(module, {k!r}) first, then decompose")
     if unwrap(model) is not model:
         w = type(model).__name__
         raise ValueError(f"the model is wrapped in {w}; decompose model.module and wrap the result in a new {w} (DecomposeCallback does this for you)")
@@ -223,6 +369,41 @@ def _layer_choice(n, m, meth, plan, opt, v, methods):
     elif meth=='auto': raise ValueError(f"{n}: the rank plan gives a rank but no method; {AUTO}")
     return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
 
+def screen(new:nn.Module, todo:list, out:str|None, method:str, sample=None, calib=None)->tuple[dict,list,dict,dict]:
+    "The report's rows of the layers `todo` (name, layer), the candidates (name, layer, method, shapes) among them, their shapes, {follower: leader} of tied ones"
+    names = [n for n,_ in todo]
+    with watching_reads(new, names) as reads:   # one forward pass (the sample's, or a calibration batch) shows what reads the layers
+        shapes = layer_shapes(new, sample, names) if sample is not None else {}
+        probed = sample is not None or probe(new, calib=calib)
+    parents,rows,cands = dict(new.named_modules()),{},[]
+    for n,m in todo:
+        p0,m0 = layer_costs(m, shapes=shapes.get(n))
+        rows[n] = dict(layer=n, source=_src(m), method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, note='')
+        if reason := (HEAD_NOTE if n==out else skip_reason(n, m, parents) or read_reason(n, m, parents, reads, probed)): rows[n]['note'] = reason
+        else: cands.append((n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)))
+    follow,stay = tie_groups(new, [n for n,*_ in cands])
+    for n,why in stay.items(): rows[n]['note'] = why
+    return rows, [c for c in cands if c[0] not in stay and c[0] not in follow], shapes, follow
+
+def _note(row, *notes): row['note'] = '; '.join(t for t in (row['note'], *notes) if t)
+
+def _swap(new, items, built, follow, rows, shapes, quiet):
+    "Put each layer's block (from `built`, else weight-only) in `new` at every place the layer is used; tied followers share their leader's factors"
+    paths,blocks = module_paths(new),{}
+    for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
+        blk = built.get(n)
+        blocks[n] = blk = (blk if blk is not None else (linear_svd if isinstance(m, nn.Linear) else BUILDERS[meth])(m, r)),m
+    for f,l in follow.items():
+        if l not in blocks: rows[f]['note'] = f"tied to {l}, which stays as it is: so does it"; continue
+        fm = new.get_submodule(f)
+        blocks[f] = tied_block(blocks[l][0], fm, blocks[l][1]),fm
+        rows[f].update(method=rows[l]['method'], params=0, params_after=0, macs_after=layer_costs(fm, rows[l]['method'], blocks[l][0].rank, shapes.get(f))[1])
+        _note(rows[f], f"tied to {l}: shares its factors (the weights are counted there)")
+    for n,(blk,m) in blocks.items():
+        for a in paths.get(n, [n]): new.set_submodule(a, blk)
+        rows[n]['rank'] = blk.rank
+        _note(rows[n], move_hooks(m, blk), f"used at {', '.join(paths[n])}: one block at each" if n in paths else '')
+
 def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, exclude=None, sample=None, quiet=False,
                      calib=None, head:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
     "Decomposed copy of `model` with its `kinds` layers (Linear, Conv2d or both) factorized, Conv2d by `method` (Linear and 1×1 by SVD), and the report"
@@ -235,7 +416,7 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
     _check_model(model, 'decompose', kinds, 'svd' if method=='auto' else method)
     if per_layer and (other := [k for k in RANK_OPTIONS[1:] if opts.get(k) is not None]):
         raise ValueError(f"got rank= (per layer) and {other[0]}= at once; pass only one of rank=, keep=, percent_removed=, energy=")
-    if isinstance(rank, dict): _check_rank_dict(rank, dict(model.named_modules()))
+    if isinstance(rank, dict): rank = first_names(rank, model); _check_rank_dict(rank, dict(model.named_modules()))
     if calib is None: calib = getattr(rank, 'calib', None)   # a budget's own calibration fits the factors too
     _check_calib(calib)
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
@@ -258,13 +439,7 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
             return new, _empty_report()
         raise ValueError(f"no {what} layer to decompose in this model" + (" among layers=" + repr(layers) if layers else ''))
     for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
-    shapes = layer_shapes(new, sample, [n for n,_ in todo]) if sample is not None else {}
-    parents,rows,cands = dict(new.named_modules()),{},[]
-    for n,m in todo:
-        p0,m0 = layer_costs(m, shapes=shapes.get(n))
-        rows[n] = dict(layer=n, source=_src(m), method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, note='')
-        if reason := (HEAD_NOTE if n==out else skip_reason(n, m, parents)): rows[n]['note'] = reason
-        else: cands.append((n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)))
+    rows,cands,shapes,follow = screen(new, todo, out, method, sample, calib)
     plan = _plan(rank, new, cands, sample, calib) if per_layer else None
     if opt=='rank': _check_model_rank(v, cands)
     items = []   # (name, layer, method, rank) of the layers that get a block
@@ -274,11 +449,8 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
         p1,m1 = layer_costs(m, meth, r, shp)
         if p1 >= rows[n]['params'] and not (opt=='rank' and v=='full'): rows[n]['note'] = f"rank {r} would keep {p1/rows[n]['params']:.0%} of the parameters"; continue
         items.append((n, m, meth, r)); rows[n].update(method=meth, params_after=p1, macs_after=m1, note='1×1: SVD' if isinstance(m, nn.Conv2d) and meth!=method and method!='auto' else '')
-    if calib is not None: built = calib.prepare(new, [n for n,*_ in items]).blocks(items)
-    for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
-        blk = built.get(n) if calib is not None else None
-        new.set_submodule(n, blk := blk if blk is not None else (linear_svd if isinstance(m, nn.Linear) else BUILDERS[meth])(m, r))
-        rows[n]['rank'] = blk.rank
+    built = calib.prepare(new, [n for n,*_ in items]).blocks(items) if calib is not None else {}
+    _swap(new, items, built, follow, rows, shapes, quiet)
     report = pd.DataFrame(list(rows.values()))
     report['rank'] = pd.Series([r['rank'] for r in rows.values()], dtype=object)   # ints and pairs, not floats beside None
     return _unshared(new, model), report

@@ -12,22 +12,26 @@ from torch import nn, Tensor
 from .factorize import full_ranks
 from .layers import *
 from .layers import _src
-from .decompose import evaluating, unwrap
+from .decompose import evaluating, unwrap, module_paths, tied_block
 
 # %% auto #0
 __all__ = ['PLAN_FORMAT', 'PLAN_VERSION', 'PLAN_METHODS', 'decomposition_plan', 'check_plan', 'apply_plan', 'save_decomposed',
            'load_decomposed', 'to_onnx', 'onnx_error']
 
 # %% ../nbs/07_export.ipynb #84ab3969
-PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 1
+PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 2   # 2: an entry may name the layer whose factors it shares ('tied'); a plan without ties is written as 1
 PLAN_METHODS = {nn.Linear: ('svd',), nn.Conv2d: tuple(BUILDERS)}
 
 def _rank_json(r): return [int(x) for x in r] if isinstance(r, (tuple, list)) else int(r)
 
 def decomposition_plan(model:nn.Module)->dict:
     "Which layers of `model` (or of the model a DDP/DataParallel wraps) are `Factorized`, by which method, at which rank: a versioned, JSON-able dict"
-    layers = {n: dict(method=m.method, rank=_rank_json(m.rank), source=m.source) for n,m in unwrap(model).named_modules() if isinstance(m, Factorized)}
-    return dict(format=PLAN_FORMAT, version=PLAN_VERSION, layers=layers)
+    layers,owner = {},{}
+    for n,m in unwrap(model).named_modules():
+        if not isinstance(m, Factorized): continue
+        layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source)
+        if (leader := owner.setdefault(id(m[0].weight), n)) != n: layers[n]['tied'] = leader   # tied layers: one factor pair, the leader's
+    return dict(format=PLAN_FORMAT, version=2 if any('tied' in e for e in layers.values()) else 1, layers=layers)
 
 # %% ../nbs/07_export.ipynb #66da4f0a
 def _check_spec(name, spec)->tuple[str,object]:
@@ -68,10 +72,14 @@ def _planned_layer(model, name, spec, method, rank)->nn.Module:
 def apply_plan(model:nn.Module, plan:dict)->nn.Module:
     "A copy of the undecomposed `model` with the layers `plan` names replaced by shells of the planned method and rank: load the weights next"
     if not isinstance(model, nn.Module): raise TypeError(f"apply_plan takes an nn.Module, got {type(model).__name__}")
-    layers = check_plan(plan)
-    new = copy.deepcopy(model)
+    layers,paths = check_plan(plan),module_paths(model)
+    new,made = copy.deepcopy(model),{}
     for n,(m,r) in layers.items():  # in the plan's order: a block decomposed twice comes after the block holding it
-        new.set_submodule(n, shell(_planned_layer(new, n, plan['layers'][n], m, r), m, r))
+        layer,leader = _planned_layer(new, n, plan['layers'][n], m, r),plan['layers'][n].get('tied')
+        if leader is not None and leader not in made: raise ValueError(f"plan entry {n!r} is tied to {leader!r}, which the plan does not decompose before it")
+        blk = shell(layer, m, r) if leader is None else tied_block(*made[leader][:1], layer, made[leader][1])
+        made[n] = blk,layer
+        for a in paths.get(n, [n]): new.set_submodule(a, blk)   # a module used at several places: the one block at each
     return new
 
 # %% ../nbs/07_export.ipynb #ac43c0b8

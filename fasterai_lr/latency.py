@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from .factorize import *
 from .layers import *
 from .decompose import *
-from .ranks import Budget, Curve, allocate, rank_errors, candidates
+from .ranks import Budget, Curve, allocate, rank_errors, candidates, _prepare
 
 # %% auto #0
 __all__ = ['LATENCIES', 'time_calls', 'LatencyCache', 'layer_key', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
@@ -79,6 +79,14 @@ class LayerTimer:
                  cache:LatencyCache|None=None, # where measurements are kept; the session's `LATENCIES` by default
                  memory_format=torch.channels_last, # the layout the model will run in (see `optimize`)
                  reps:int=5):                # interleaved rounds of the default timer
+        batch = check_number(batch, 'batch', 'a positive int: the batch size to time at, e.g. batch=1', lo=1, integer=True)
+        reps = check_number(reps, 'reps', 'a positive int: interleaved timing rounds, e.g. reps=5', lo=1, integer=True)
+        if timer is not None and not callable(timer):
+            raise TypeError(f"timer={timer!r} is not callable; pass (modules, input) -> seconds per call of each, or None (time_calls)")
+        if cache is not None and not isinstance(cache, dict):
+            raise TypeError(f"cache={cache!r} is not a LatencyCache; pass LatencyCache() or LatencyCache('latencies.json'), or None")
+        if not isinstance(memory_format, torch.memory_format):
+            raise TypeError(f"memory_format={memory_format!r}; pass torch.channels_last or torch.contiguous_format")
         store_attr('batch,memory_format,reps')
         self.device,self.cache = torch.device(device), LATENCIES if cache is None else cache
         self.timer = timer or partial(time_calls, reps=reps)
@@ -143,6 +151,20 @@ def _timed(timer, layer, options, shapes):
     t0,*ts = timer(layer, options, shapes[0])
     return p0, m0, options, t0, ts
 
+def _check_methods(methods)->tuple|None:
+    "`methods=` as a tuple of known methods (one may be given as a str), or None"
+    if methods is None: return None
+    ms = (methods,) if isinstance(methods, str) else tuple(methods) if isinstance(methods, (tuple, list)) else None
+    if not ms or any(m not in ('tucker','cp','svd','spatial') for m in ms):
+        raise ValueError(f"methods={methods!r}: pass a tuple of 'tucker', 'cp', 'svd', 'spatial' (the methods to time for k×k convs), or None (the decomposer's)")
+    return ms
+
+def _fractions(v, arg:str)->tuple:
+    "`v` as a non-empty tuple of Python floats in (0, 1]"
+    want = f"fractions of each layer's parameters in (0, 1], e.g. {arg}=(0.1, 0.3)"
+    if not isinstance(v, (tuple, list)) or not v: raise TypeError(f"{arg}={v!r}: pass a non-empty tuple of {want}")
+    return tuple(check_number(f, f"{arg}[{i}]", want, lo=0, hi=1, ends='(]') for i,f in enumerate(v))
+
 def _methods(layer, method, methods):
     return ['svd'] if method=='svd' and (isinstance(layer, nn.Linear) or layer.kernel_size==(1,1)) else list(methods or [method])
 
@@ -157,7 +179,13 @@ class LatencyAware:
                  tol:float=0.1,            # options whose error is within (1+tol)× the least count as equally good: the fastest wins
                  sample=None,              # a batch (or its shape), when the decomposer is not given one
                  timer:Callable|None=None, cache:LatencyCache|None=None, memory_format=torch.channels_last, reps:int=5): # as in `LayerTimer`
-        if not isinstance(keep, (int, float)) or not 0 < keep < 1: raise ValueError(f"keep={keep!r} is outside (0, 1); pass the fraction of each layer's parameters to keep, e.g. keep=0.5")
+        keep = check_number(keep, 'keep', "the fraction of each layer's parameters to keep, e.g. keep=0.5", lo=0, hi=1, ends='()')
+        want = 'positive ints (ranks are also tried rounded down to multiples of them), e.g. steps=(8, 16)'
+        if not isinstance(steps, (tuple, list)): raise TypeError(f"steps={steps!r}: pass a tuple of {want}")
+        steps = tuple(check_number(v, f'steps[{i}]', want, lo=1, integer=True) for i,v in enumerate(steps))
+        margin = check_number(margin, 'margin', 'how much faster an option must be to pay, ≥ 0, e.g. margin=0.05', lo=0)
+        tol = check_number(tol, 'tol', 'the relative error within which options count as equally good, ≥ 0, e.g. tol=0.1', lo=0)
+        methods = _check_methods(methods)
         store_attr('keep,methods,steps,margin,tol,sample')
         self.timer,self.report = LayerTimer(batch, device, timer, cache, memory_format, reps), None
     def __repr__(self): return f"LatencyAware(keep={self.keep}, batch={self.timer.batch}, device='{self.timer.device}')"
@@ -182,8 +210,7 @@ def _layer_rows(self, model, cands, sample, calib=None):
 def ranks(self:LatencyAware, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] where a factorization is measured faster"
     plan,rows = {},[]
-    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
-    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, candidates, sample, calib):
+    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, candidates, sample, _prepare(calib, model, candidates)):
         i = choose(t0, ts, errs, self.margin, self.tol)
         row = dict(layer=n, method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, ms=t0*1e3, ms_after=t0*1e3, error=0.)
         if i is None: row['note'] = f"kept: no option is faster (best {min(ts)/t0:.2f}× its time)" if ts else "kept: no smaller option"
@@ -327,9 +354,15 @@ class LatencyBudget:
                  sample=None,                  # a batch (or its shape), when `plan`/`decompose` is not given one
                  timer:Callable|None=None, cache:LatencyCache|None=None, memory_format=torch.channels_last, reps:int=5): # as in `LayerTimer`
         if (keep is None) == (speedup is None): raise ValueError("pass one of keep= (the fraction of the latency to keep) or speedup= (how many times faster)")
-        keep = keep if keep is not None else 1/speedup if isinstance(speedup, (int, float)) and speedup > 0 else speedup
-        if not isinstance(keep, (int, float)) or not 0 < keep < 1: raise ValueError(f"keep={keep!r}: pass a fraction of the latency in (0, 1), or speedup= above 1")
+        if keep is not None: keep = check_number(keep, 'keep', 'the fraction of the latency to keep, e.g. keep=0.5 (or speedup= above 1)', lo=0, hi=1, ends='()')
+        else: keep = 1/check_number(speedup, 'speedup', 'how many times faster the model should be, above 1, e.g. speedup=2 (or keep=)', lo=1, ends='()')
         if baseline not in ('given','as_run'): raise ValueError(f"baseline={baseline!r}: pass 'given' (the model as it came) or 'as_run' (the dense model folded and in memory_format)")
+        if alloc not in ('greedy','minmax'): raise ValueError(f"unknown alloc={alloc!r}; pass 'greedy' or 'minmax'")
+        for k,v in dict(fold=fold, check=check).items():
+            if not isinstance(v, bool): raise TypeError(f"{k}={v!r} is not a bool; pass True or False")
+        methods,fracs = _check_methods(methods),_fractions(fracs, 'fracs')
+        round_to = check_number(round_to, 'round_to', 'a positive int: ranks offered are multiples of it, e.g. round_to=8', lo=1, integer=True)
+        rounds = check_number(rounds, 'rounds', 'a positive int: at most this many plans are timed, e.g. rounds=3', lo=1, integer=True)
         store_attr('keep,methods,fracs,round_to,baseline,fold,check,rounds,alloc,sample')
         self.timer,self.report,self.achieved = LayerTimer(batch, device, timer, cache, memory_format, reps), None, None
     def __repr__(self): return f"LatencyBudget(keep={self.keep:.3g}, batch={self.timer.batch}, device='{self.timer.device}')"
@@ -359,8 +392,7 @@ def _curves(self, model, cands, sample, calib=None):
 def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] that meets the latency budget (errors on `calib`'s data where given)"
     sample = sample if sample is not None else self.sample
-    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
-    curves = _curves(self, model, candidates, sample, calib)
+    curves = _curves(self, model, candidates, sample, _prepare(calib, model, candidates))
     x = _batch_input(model, sample, self.timer.batch, self.timer.device, torch.contiguous_format)   # as callers feed it
     as_run = lambda m: (fold_bn(m) if self.fold else m).to(memory_format=self.timer.memory_format)
     given,dense = planned(model, {}), as_run(planned(model, {}))   # copies: the caller's model keeps its mode and format

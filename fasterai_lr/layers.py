@@ -6,14 +6,15 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
 # %% ../nbs/01_layers.ipynb #e1269104
 from __future__ import annotations
-import torch
+import math, numbers, torch
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from .factorize import *
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'factor_conv', 'shell',
-           'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'component_norms']
+__all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_number', 'check_layer', 'kernel', 'layer_rank',
+           'checked_rank', 'factor_conv', 'shell', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker',
+           'conv_cp', 'component_norms']
 
 # %% ../nbs/01_layers.ipynb #62b375f1
 class Factorized(nn.Sequential):
@@ -35,16 +36,29 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
     if not given: return 'keep', 0.5
     (opt,v), = given.items()
     if opt=='rank':
-        ok = v=='full' or _is_int(v) and v>0 or isinstance(v, tuple) and len(v)==2 and all(_is_int(x) and x>0 for x in v)
+        pos = lambda x: _is_int(x) and x > 0
+        ok = pos(v) or isinstance(v, tuple) and len(v)==2 and all(map(pos, v)) or isinstance(v, str) and v=='full'
         if not ok: raise ValueError(f"{at}rank={v!r} is not a rank; pass a positive int, a pair of them (Tucker's (out, in) ranks) or 'full'")
-    elif not isinstance(v, (int, float)) or isinstance(v, bool): raise TypeError(f"{at}{opt}={v!r} must be a number")
-    elif opt=='percent_removed' and not 0 <= v < 1: raise ValueError(f"{at}percent_removed={v} is outside [0, 1); pass the fraction of the rank to remove, e.g. percent_removed=0.5")
-    elif opt in ('keep','energy') and not 0 < v <= 1:
-        what = 'parameters' if opt=='keep' else 'squared singular values'
-        raise ValueError(f"{at}{opt}={v} is outside (0, 1]; pass the fraction of the layer's {what} to keep, e.g. {opt}=0.5")
+        return opt, _py(v) if _is_int(v) else tuple(map(_py, v)) if isinstance(v, tuple) else v   # (np.int64: Python ints)
+    want = "the fraction of the rank to remove" if opt=='percent_removed' else f"the fraction of the layer's {'parameters' if opt=='keep' else 'squared singular values'} to keep"
+    if not _is_real(v): raise TypeError(f"{at}{opt}={v!r} must be a number; pass {want}, e.g. {opt}=0.5")
+    v = _py(v)
+    if opt=='percent_removed' and not 0 <= v < 1: raise ValueError(f"{at}percent_removed={v} is outside [0, 1); pass {want}, e.g. percent_removed=0.5")
+    if opt in ('keep','energy') and not 0 < v <= 1: raise ValueError(f"{at}{opt}={v} is outside (0, 1]; pass {want}, e.g. {opt}=0.5")
     return opt, v
 
-def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v): return isinstance(v, numbers.Integral) and not isinstance(v, bool)   # numpy ints too (np.int64), not bools
+def _is_real(v): return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _py(v): return v if type(v) in (int, float) else int(v) if isinstance(v, numbers.Integral) else float(v)   # np.int64(4) → 4
+
+def check_number(v, arg:str, want:str, lo=None, hi=None, ends:str='[]', integer:bool=False):
+    "`v` as a Python int (`integer`) or float; else a TypeError (not one; bools are not) or ValueError (not finite, or outside `lo`..`hi`, `ends` '[]', '(]', ...)"
+    if not (_is_int(v) if integer else _is_real(v)): raise TypeError(f"{arg}={v!r} is not {'an int' if integer else 'a number'}; pass {want}")
+    v = _py(v)
+    if not math.isfinite(v): raise ValueError(f"{arg}={v!r} is not a finite number; pass {want}")
+    if lo is not None and not (v >= lo if ends[0]=='[' else v > lo) or hi is not None and not (v <= hi if ends[1]==']' else v < hi):
+        raise ValueError(f"{arg}={v!r} is outside {'(-∞' if lo is None else ends[0]+str(lo)}, {'∞)' if hi is None else str(hi)+ends[1]}; pass {want}")
+    return v
 
 # %% ../nbs/01_layers.ipynb #da533ca8
 def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
@@ -78,7 +92,9 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
         if method=='cp': raise ValueError(f"{at}energy= is not defined for CP (it has no singular values); pass rank= or keep=")
         if method=='tucker': return tuple(energy_rank(singular_values_sq(unfold(K, i)).sqrt(), value) for i in (0,1))
         return energy_rank(singular_values_sq(svd_matrix(K, method)).sqrt(), value)
-    if value=='full': return full
+    if isinstance(value, str) and value=='full': return full
+    py = lambda x: _py(x) if _is_int(x) else x                                      # (np.int64 ranks: Python ints in the layers)
+    value = tuple(map(py, value)) if isinstance(value, tuple) else py(value)
     if method=='tucker':
         r = (value, value) if _is_int(value) else value
         if any(a > f for a,f in zip(r, full)): raise ValueError(f"{at}rank={value} is above the full Tucker ranks (out, in) = {full}; pass a pair rank=(r_out, r_in) within them")
@@ -86,6 +102,18 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
     if not _is_int(value): raise ValueError(f"{at}rank={value!r}: a pair of ranks is for Tucker only; pass an int for {method}")
     if value > full: raise ValueError(f"{at}rank={value} is above the full rank {full} of {method} for this layer; pass a rank in 1..{full}")
     return value
+
+def checked_rank(layer:nn.Module, method:str, opt:str, value, name:str=''):
+    "`layer_rank` for a call on `layer` alone: an error where `keep=` finds no factorization smaller than the layer (a model's walk leaves it)"
+    K = kernel(layer)
+    r = layer_rank(K, method, opt, value, name)
+    if opt!='keep': return r
+    G,O,I,kh,kw = K.shape
+    cost = lambda m, r=None: conv_costs(m, r, O, I, kh, kw, G)[0]
+    if cost(method, r) < (p0 := cost('original')): return r
+    one = (1, 1) if method=='tucker' else 1
+    raise ValueError(f"{name + ': ' if name else ''}keep={value} of this {_src(layer)}: even rank {one} of {method} keeps {cost(method, one)/p0:.0%} of its parameters; "
+                     "it is too small to factorize: leave it as it is, or pass rank= to force a rank")
 
 # %% ../nbs/01_layers.ipynb #d96615e2
 def factor_conv(conv:nn.Conv2d, cin:int, cout:int, axes=(0,1), groups:int|None=None, bias:bool=False)->nn.Conv2d:

@@ -13,6 +13,7 @@ from fastcore.basics import store_attr, patch
 from .factorize import *
 from .layers import *
 from .decompose import *
+from .decompose import _check_calib
 
 # %% auto #0
 __all__ = ['AUTO_METHODS', 'FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve',
@@ -39,11 +40,14 @@ def evbmf_rank(s:Tensor, L:int, M:int, grid:int=400)->tuple[int|None,str]:
     return int((s > (M*s2[obj.argmin(),0]*xb).sqrt()).sum()), ''
 
 # %% ../nbs/03_ranks.ipynb #c9ec1e13
+def _energy(v)->float: return check_number(v, 'energy', "the share of squared singular values to keep where VBMF cannot estimate the noise, e.g. energy=0.9", lo=0, hi=1, ends='(]')
+
 def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading dims (the largest rank is returned)
               energy:float=0.9,    # the `energy` rule to fall back to when the noise cannot be estimated
              )->int:
     "Rank of `M` by empirical VBMF (Nakajima et al. 2013): at least 1, with a warned fallback to `energy`"
     if M.ndim < 2: raise ValueError(f"vbmf_rank takes a matrix (or a stack of them), got a tensor of shape {tuple(M.shape)}")
+    energy = _energy(energy)
     if not torch.isfinite(M).all(): raise ValueError("vbmf_rank got NaN or Inf values; fix the weights first")
     if M.ndim > 2: return max(vbmf_rank(m, energy) for m in M.flatten(0,-3))
     eps = torch.finfo(M.dtype if M.is_floating_point() else torch.float64).eps
@@ -64,11 +68,13 @@ def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading 
 # %% ../nbs/03_ranks.ipynb #480ce168
 def _round_up(r:int, step:int, full:int)->int: return min(full, step*math.ceil(r/step))
 
+def _round_to(v)->int: return check_number(v, 'round_to', 'a positive int: ranks are multiples of it, e.g. round_to=8 (1: any rank)', lo=1, integer=True)
+
 class VBMF:
     "Per-layer rank rule: empirical VBMF on each layer's matrix (SVD methods) or both channel unfoldings (Tucker, Kim et al. 2015)"
     def __init__(self, energy:float=0.9, # the energy rule to fall back to where the noise cannot be estimated
                  round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank)
-        store_attr()
+        self.energy,self.round_to = _energy(energy),_round_to(round_to)
     def rank(self, layer:nn.Module, method:str):
         "The VBMF rank of `layer` for `method`"
         K = kernel(layer)
@@ -274,13 +280,17 @@ def uniform_pick(curves:list[Curve], limit:float, by:str='params', method:str|No
     return next((p for p in map(at, np.linspace(1, 0, 201)) if total(p) <= limit), None)
 
 # %% ../nbs/03_ranks.ipynb #8d72047a
-def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False)->list:
+def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False, calib=None)->list:
     "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
     if method not in ('auto',)+AUTO_METHODS: raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd', 'spatial' or 'auto'")
-    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, usable=True, head=head)
+    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, head=head)
     for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
-    shapes = layer_shapes(model, sample, [n for n,_ in todo]) if sample is not None else {}
-    return [(n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)) for n,m in todo]
+    return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read by a parent, ...) left out
+
+def _prepare(calib, model:nn.Module, cands:list):
+    "`calib` prepared on `model` for the layers of `cands` [(name, layer, method, shapes)] before a curve reads its data (None: weight-only)"
+    if calib is not None: calib.prepare(model, [n for n,*_ in cands])
+    return calib
 
 def model_macs(model:nn.Module, sample)->int:
     "Multiply-adds of `model` per sample (convolutions and matrix products, as `torch.utils.flop_counter` counts them)"
@@ -305,11 +315,16 @@ class Budget:
         if sensitivity is not None: raise TypeError("Budget(sensitivity=) is replaced by calib=Calibration(data): the budget then spends on each layer's output error on that data, exactly where it can")
         given = {k:v for k,v in dict(params=params, macs=macs).items() if v is not None}
         if len(given)!=1: raise ValueError(f"pass one of params= or macs= (the fraction of the whole model to keep), got {len(given)}")
-        (self.by,self.keep), = given.items()
-        if not isinstance(self.keep, (int,float)) or not 0 < self.keep <= 1: raise ValueError(f"{self.by}={self.keep!r} is outside (0, 1]; pass the fraction of the model to keep, e.g. {self.by}=0.5")
-        if not (isinstance(round_to, int) and round_to >= 1): raise ValueError(f"round_to={round_to!r}: pass a positive int")
+        (by,keep), = given.items()
+        what = 'parameters' if by=='params' else 'multiply-adds'
+        self.by,self.keep = by,check_number(keep, by, f"the fraction of the whole model's {what} to keep, e.g. {by}=0.5", lo=0, hi=1, ends='(]')
+        round_to = _round_to(round_to)
+        res = check_number(res, 'res', 'a positive int: at most this many ranks per Tucker mode, e.g. res=64', lo=1, integer=True)
         if alloc not in ('greedy','minmax'): raise ValueError(f"unknown alloc={alloc!r}; pass 'greedy' or 'minmax'")
-        if isinstance(self.keep, bool): raise ValueError(f"{self.by}={self.keep!r} is not a fraction; pass a number in (0, 1], e.g. {self.by}=0.5")
+        _check_calib(calib)
+        if weights is not None:
+            if not isinstance(weights, dict): raise TypeError(f"weights={weights!r} is not a dict; pass {{layer or module name: multiplier}}, e.g. weights={{'features.0': 2}}")
+            weights = {k: check_number(w, f"weights[{k!r}]", f"a positive multiplier on the errors of the layers in {k!r}, e.g. 2", lo=0, ends='()') for k,w in weights.items()}
         store_attr('round_to,alloc,calib,sample,weights,res')
         self.report,self.achieved,self.checked = None,None,None
 
@@ -359,8 +374,10 @@ def _check(self:Budget, model:nn.Module, curves:list[Curve], pick:list, limit:fl
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     "{layer name: rank, or (method, rank) for method='auto'} for the `candidates` [(name, layer, method, shapes)] of `model` that meets the budget"
     sample,calib = sample if sample is not None else self.sample, calib if calib is not None else self.calib
-    if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
-    curves = layer_curves(candidates, self.round_to, self.res, calib)
+    mods = dict(model.named_modules())
+    if bad := [k for k in self.weights or {} if k not in mods]:
+        raise ValueError(f"weights= names {bad[0]!r}, which is not a module of the model; pass names as in model.named_modules(), e.g. {[n for n,*_ in candidates][:3]}")
+    curves = layer_curves(candidates, self.round_to, self.res, _prepare(calib, model, candidates))
     total,fixed = model_totals(model, candidates, curves, self.by, sample)
     _weigh(curves, self.weights)
     least = (fixed + sum(c.cost(self.by).min() for c in curves))/total
@@ -384,7 +401,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
 def plan(self:Budget, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, calib=None, head:bool=False)->dict:
     "{layer name: rank} for every Linear and Conv2d of `model` (but its output layer, unless `head`): pass it as `rank=` to `decompose_model` or a decomposer"
     sample = sample if sample is not None else self.sample
-    return self.ranks(model, candidates(model, method, sample, layers, exclude, head), sample, calib)
+    return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
 
 # %% ../nbs/03_ranks.ipynb #257d8060
 def _block(name:str, depth:int)->str: return '.'.join(name.split('.')[:depth])
@@ -408,8 +425,7 @@ def search_ranks(model:nn.Module,
     if by not in ('macs','params'): raise ValueError(f"by={by!r}: pass 'macs' or 'params'")
     if by=='macs' and sample is None: raise ValueError("a search against MACs needs sample= (a batch or its shape); or pass by='params'")
     cands = candidates(model, method, sample)
-    if calib is not None: calib.prepare(model, [n for n,*_ in cands])
-    curves = layer_curves(cands, round_to, res, calib)
+    curves = layer_curves(cands, round_to, res, _prepare(calib, model, cands))
     total,fixed = model_totals(model, cands, curves, by, sample)
     base = [c.weight for c in curves]
     blocks = list(dict.fromkeys(_block(c.name, depth) for c in curves))

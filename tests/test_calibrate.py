@@ -170,3 +170,34 @@ def test_tucker_one_side_full(rank):
     x = torch.cat(xs)
     e, ew = conv_out_err(conv, blk, x), conv_out_err(conv, ref, x)
     assert e < ew, f"rank {rank}: data-aware {e:.4f} not below weight-only {ew:.4f}"
+
+def test_plan_error_swaps_into_one_copy():
+    "plan_error swaps each plan's blocks into one working copy and back: the figures of a fresh copy per plan, bit for bit, one copy made, the model untouched"
+    import copy
+    from fasterai_lr.calibrate import _builder, _first, flat_outputs
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad(): net.train()(torch.randn(8, 3, 10, 10))          # BatchNorm statistics, and the model left in train mode
+    state,mods = {k: v.clone() for k,v in net.state_dict().items()},[(n, id(m), m.training) for n,m in net.named_modules()]
+    def fresh(cal, plan, n_batches=2, samples=None):                      # a copy of the model for each plan, as plan_error once made
+        new = copy.deepcopy(net)
+        for n,(m,r) in plan.items():
+            blk = cal.build(n, cal.mods[n], m, r, sequential=False)
+            new.set_submodule(n, blk if blk is not None else _builder(cal.mods[n], m)(cal.mods[n], r))
+        xs = [_first(x, samples) for x in cal.xs[:n_batches]]
+        with evaluating(cal.ref): y0 = torch.cat([flat_outputs(cal._forward(cal.ref, x)) for x in xs])
+        with evaluating(new): y = torch.cat([flat_outputs(cal._forward(new, x)) for x in xs])
+        return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()
+    plans = [{'0': ('svd', 3)}, {'3': ('tucker', (8, 6))}, {'3': ('cp', 5), '8': ('svd', 4)}, {'0': ('spatial', 4), '3': ('svd', 6), '5': ('svd', 5), '8': ('svd', 2)}, {}]
+    for seq in (False, True):
+        cal = Calibration([torch.randn(6, 3, 10, 10) for _ in range(3)], sequential=seq).prepare(net, ['0', '3', '5', '8'])
+        for p in plans + plans[::-1]:
+            for kw in (dict(), dict(n_batches=1, samples=4), dict(n_batches=3)):
+                assert cal.plan_error(net, p, **kw)==fresh(cal, p, **kw), f"sequential={seq}, {p}, {kw}: not the figure of a fresh copy"
+        work = cal._work[2]
+        assert cal._working_copy(net) is work, "the working copy should be made once for the model's weights"
+        assert not any(isinstance(m, Factorized) for m in work.modules()), "a plan's block was left in the working copy"
+    assert [(n, id(m), m.training) for n,m in net.named_modules()]==mods and all(torch.equal(state[k], v) for k,v in net.state_dict().items()), "the model changed"
+    with torch.no_grad(): net[0].weight.add_(1)                            # new weights: a new working copy
+    assert cal._working_copy(net) is not work
