@@ -370,8 +370,6 @@ def _fill(blk:Factorized, layer:nn.Module, st:Stats, damp:float):
         for l,w in zip(blk, [f.mT for f in fs[1:]] + fs[:1]): _set(l, w)
     return blk
 
-def _builder(layer, method): return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
-
 def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
     "The block that `_fill` fills: CP's weight-only one (it keeps its ALS front factors; fitted once per rank in `cache`), the others' empty factor layers with the layer's bias"
     if method=='cp':
@@ -530,7 +528,7 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, sa
     blks = {}
     for n,(m,r) in plan.items():
         b = self.build(n, self.mods[n], m, r, sequential=False)          # (plans compared on the dense model's statistics)
-        blks[n] = b if b is not None else _builder(self.mods[n], m)(self.mods[n], r)
+        blks[n] = b if b is not None else builder(self.mods[n], m)(self.mods[n], r)
     xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
     if k not in self._y0:                                               # the dense outputs, once for every plan checked
         with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])

@@ -380,7 +380,7 @@ def screen(new:nn.Module, todo:list, out:str|None, method:str, sample=None, cali
         p0,m0 = layer_costs(m, shapes=shapes.get(n))
         rows[n] = dict(layer=n, source=_src(m), method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, note='')
         if reason := (HEAD_NOTE if n==out else skip_reason(n, m, parents) or read_reason(n, m, parents, reads, probed)): rows[n]['note'] = reason
-        else: cands.append((n, m, 'svd' if isinstance(m, nn.Linear) or m.kernel_size==(1,1) else method, shapes.get(n)))
+        else: cands.append((n, m, layer_method(m, method), shapes.get(n)))
     follow,stay = tie_groups(new, [n for n,*_ in cands])
     for n,why in stay.items(): rows[n]['note'] = why
     return rows, [c for c in cands if c[0] not in stay and c[0] not in follow], shapes, follow
@@ -392,7 +392,7 @@ def _swap(new, items, built, follow, rows, shapes, quiet):
     paths,blocks = module_paths(new),{}
     for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
         blk = built.get(n)
-        blocks[n] = blk = (blk if blk is not None else (linear_svd if isinstance(m, nn.Linear) else BUILDERS[meth])(m, r)),m
+        blocks[n] = blk = (blk if blk is not None else builder(m, meth)(m, r)),m
     for f,l in follow.items():
         if l not in blocks: rows[f]['note'] = f"tied to {l}, which stays as it is: so does it"; continue
         fm = new.get_submodule(f)

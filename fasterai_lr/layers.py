@@ -14,7 +14,7 @@ from .factorize import *
 # %% auto #0
 __all__ = ['RANK_OPTIONS', 'BUILDERS', 'Factorized', 'rank_option', 'check_number', 'check_layer', 'kernel', 'layer_rank',
            'checked_rank', 'factor_conv', 'shell', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker',
-           'conv_cp', 'component_norms']
+           'conv_cp', 'layer_method', 'builder', 'component_norms']
 
 # %% ../nbs/01_layers.ipynb #62b375f1
 class Factorized(nn.Sequential):
@@ -181,6 +181,14 @@ def conv_cp(conv:nn.Conv2d, rank)->Factorized:
     return fill(shell(conv, 'cp', a_out.shape[-1], init=False), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
 
 BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_cp)
+
+def layer_method(layer:nn.Module, method:str)->str:
+    "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear and for a 1×1 conv (there is nothing spatial to split)"
+    return 'svd' if isinstance(layer, nn.Linear) or layer.kernel_size==(1,1) else method
+
+def builder(layer:nn.Module, method:str):
+    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear)"
+    return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
 
 # %% ../nbs/01_layers.ipynb #c4e9a7d1
 def component_norms(block:Factorized)->list[Tensor]:

@@ -174,7 +174,8 @@ def test_tucker_one_side_full(rank):
 def test_plan_error_swaps_into_one_copy():
     "plan_error swaps each plan's blocks into one working copy and back: the figures of a fresh copy per plan, bit for bit, one copy made, the model untouched"
     import copy
-    from fasterai_lr.calibrate import _builder, _first, flat_outputs
+    from fasterai_lr.calibrate import _first, flat_outputs
+    from fasterai_lr.layers import builder
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 1),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -184,7 +185,7 @@ def test_plan_error_swaps_into_one_copy():
         new = copy.deepcopy(net)
         for n,(m,r) in plan.items():
             blk = cal.build(n, cal.mods[n], m, r, sequential=False)
-            new.set_submodule(n, blk if blk is not None else _builder(cal.mods[n], m)(cal.mods[n], r))
+            new.set_submodule(n, blk if blk is not None else builder(cal.mods[n], m)(cal.mods[n], r))
         xs = [_first(x, samples) for x in cal.xs[:n_batches]]
         with evaluating(cal.ref): y0 = torch.cat([flat_outputs(cal._forward(cal.ref, x)) for x in xs])
         with evaluating(new): y = torch.cat([flat_outputs(cal._forward(new, x)) for x in xs])
