@@ -13,7 +13,7 @@ from fastcore.basics import store_attr, patch
 from fastai.data.core import DataLoaders
 from .factorize import *
 from .layers import *
-from .decompose import evaluating, to_model, describe_inputs
+from .decompose import evaluating, to_model, describe_inputs, Calibrator
 
 # %% auto #0
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
@@ -252,7 +252,7 @@ def _fingerprint(model:nn.Module)->tuple:
     "A cheap summary of `model`'s weights (a strided sample of each): equal for a model and its copies, different once it trains"
     with torch.no_grad(): return tuple((tuple(p.shape), p.flatten()[::max(1, p.numel()//64)].double().sum().item()) for p in model.parameters())
 
-class Calibration:
+class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches (tensors, tuples, dicts), or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use of this calibration sees the same ones

@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from .layers import Factorized, rank_option, _is_int, _is_real, _py
 from torch.nn.parallel import DistributedDataParallel as DDP
-from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, select_layers, layer_names, unwrap, AUTO
+from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, select_layers, layer_names, unwrap, AUTO, RankRule, Calibrator, _check_rule
 from .calibrate import Calibration
 from .ranks import n_params, model_macs
 
@@ -114,7 +114,7 @@ class DecomposeCallback(Callback):
     def __init__(self,
         start_epoch=2,        # epoch at whose start to decompose (int), or fraction of training done (float in [0, 1)); a list for several stages
         method:str='tucker',  # how to decompose Conv2d layers: 'tucker', 'cp', 'svd' or 'spatial'; Linear layers always by SVD
-        rank=None,            # an int, a pair (Tucker), 'full', a {layer name: rank} dict, or a budget (`.plan(model, method, ...)` or `.ranks(model, candidates)`)
+        rank=None,            # an int, a pair (Tucker), 'full', a {layer name: rank} dict, or a `RankRule` (a `ModelBudget` such as `Budget` plans the whole model)
         keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
         percent_removed=None, # fraction of each layer's rank to remove
         energy=None,          # share of squared singular values to keep
@@ -133,9 +133,10 @@ class DecomposeCallback(Callback):
             self.layers = [layer_names(l) for l in layers]
         else: self.layers = [layer_names(layers)]
         if method not in Conv_Decomposer.methods+('auto',): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, Conv_Decomposer.methods+('auto',)))}")
-        per_layer = isinstance(rank, dict) or any(callable(getattr(rank, f, None)) for f in ('ranks', 'plan'))
+        _check_rule(rank)
+        per_layer = isinstance(rank, (dict, RankRule))
         if method=='auto' and not per_layer: raise ValueError(AUTO)
-        if not (calib is None or calib is True or all(callable(getattr(calib, a, None)) for a in ('prepare', 'blocks'))):
+        if not (calib is None or calib is True or isinstance(calib, Calibrator)):
             raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
         opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
         if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")

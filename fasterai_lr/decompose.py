@@ -22,8 +22,9 @@ from .layers import _src, _is_int
 __all__ = ['HEAD_NOTE', 'HOOKS', 'PER_LAYER', 'AUTO', 'FC_Decomposer', 'Conv_Decomposer', 'evaluating', 'sample_input',
            'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason', 'under', 'unwrap',
            'output_layer', 'keeps_head', 'module_paths', 'select_layers', 'tied_params', 'tie_groups', 'tied_block',
-           'to_model', 'watching_reads', 'describe_inputs', 'probe', 'read_reason', 'move_hooks', 'first_names',
-           'layer_names', 'screen', 'decompose_layers', 'report_totals', 'decompose_model']
+           'to_model', 'watching_reads', 'describe_inputs', 'probe', 'read_reason', 'move_hooks', 'RankRule',
+           'candidates', 'ModelBudget', 'Calibrator', 'first_names', 'layer_names', 'screen', 'decompose_layers',
+           'report_totals', 'decompose_model']
 
 # %% ../nbs/02_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -254,7 +255,7 @@ def describe_inputs(args, kw)->str:
 def probe(model:nn.Module, sample=None, calib=None)->bool:
     "Run `model` once, in eval mode, on `sample` (a batch or the shape of one) or the first batch of `calib`: False when there is neither"
     if sample is not None: args,kw,what = (sample_input(model, sample),),{},'sample='
-    elif callable(getattr(calib, 'batches', None)): (args,kw),what = to_model(calib.batches()[0], model),'calibration batch 0'
+    elif calib is not None and calib.batches(): (args,kw),what = to_model(calib.batches()[0], model),'calibration batch 0'
     else: return False
     try:
         with evaluating(model), torch.no_grad(): model(*args, **kw)
@@ -278,13 +279,45 @@ def move_hooks(layer:nn.Module, blk:nn.Module)->str:
     for h in HOOKS: setattr(blk, h, getattr(layer, h))   # the same dicts: a handle's .remove() still works
     return f"its {n} forward hook{'s'*(n>1)} now run{'s'*(n==1)} on the block"
 
+# %% ../nbs/02_decompose.ipynb #4c1d9e07
+class RankRule:
+    "What `rank=` takes besides a rank and a {layer: rank} dict: a rule that gives each candidate layer its rank (e.g. `VBMF`)"
+    calib = None   # a calibration the rule plans on: the factors are then fitted on its data too
+    def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
+        "{layer name: rank, or (method, rank)} for the `candidates` [(name, layer, method, shapes)] of `model`"
+        raise NotImplementedError
+
+def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False, calib=None)->list:
+    "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
+    if method not in ('auto',)+Conv_Decomposer.methods: raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd', 'spatial' or 'auto'")
+    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, head=head)
+    for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
+    return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read by a parent, ...) left out
+
+class ModelBudget(RankRule):
+    "A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and Conv2d layers together"
+    sample = None  # a batch (or its shape), for when `plan` is not given one
+    def plan(self, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, calib=None, head:bool=False)->dict:
+        "{layer name: rank} for every Linear and Conv2d of `model` (but its output layer, unless `head`): pass it as `rank=` to `decompose_model` or a decomposer"
+        sample = sample if sample is not None else self.sample
+        return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
+
+class Calibrator:
+    "What `calib=` takes (e.g. `Calibration`): data-aware factors for the layers about to be decomposed"
+    def prepare(self, model:nn.Module, names:list):
+        "Get ready to fit the layers `names` of `model` (which the caller then decomposes in place); returns self"
+        raise NotImplementedError
+    def blocks(self, items:list)->dict:
+        "{name: block, or None for the weight-only block} for `items` [(name, layer, method, rank)]"
+        raise NotImplementedError
+    def batches(self)->list:
+        "The model inputs, (args, kwargs) each, it calibrates on (none by default); the first one also shows what reads the layers"
+        return []
+
 # %% ../nbs/02_decompose.ipynb #b81cfcbd
 def _plan(rank, new, cands, sample=None, calib=None):
-    "Per-layer ranks from `rank`: a {name: rank} dict, or an object (a budget) whose `.ranks(model, candidates)` gives one"
-    if isinstance(rank, dict): return rank
-    ps = inspect.signature(rank.ranks).parameters
-    kw = {k: v for k,v in dict(sample=sample, calib=calib).items() if k in ps}   # whole-model MAC budgets need the sample; data-aware ones the calibration
-    return rank.ranks(new, cands, **kw)
+    "Per-layer ranks from `rank`: a {name: rank} dict, or a `RankRule`'s for the candidates"
+    return rank if isinstance(rank, dict) else rank.ranks(new, cands, sample, calib)
 
 def _at_most_full(v, layer, method, name=''):
     "One rank for a whole model means at most that rank: capped at each layer's full rank"
@@ -354,8 +387,14 @@ def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
     return new
 
 def _check_calib(calib):
-    if calib is not None and not all(callable(getattr(calib, a, None)) for a in ('prepare', 'blocks')):
-        raise TypeError(f"calib= takes an object with .prepare(model, names) and .blocks([(name, layer, method, rank)]), e.g. Calibration(data); got {type(calib).__name__}")
+    if calib is not None and not isinstance(calib, Calibrator):
+        raise TypeError(f"calib= takes an object with .prepare(model, names) and .blocks([(name, layer, method, rank)]), e.g. Calibration(data), "
+                        f"or your own subclass of Calibrator; got {type(calib).__name__}")
+
+def _check_rule(rank):
+    "A clear error for a rank rule that does not say it is one"
+    if not isinstance(rank, RankRule) and any(callable(getattr(rank, f, None)) for f in ('ranks', 'plan')):
+        raise TypeError(f"rank={type(rank).__name__}(...) has .ranks or .plan but is no RankRule: subclass fasterai_lr's RankRule (per-layer .ranks) or ModelBudget (.plan for the whole model)")
 
 AUTO = "method='auto' lets a rank budget choose each layer's method: pass rank=Budget(params=...) (or macs=), or a {layer: (method, rank)} dict"
 
@@ -410,14 +449,15 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
     kinds = tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
     convs,what = nn.Conv2d in kinds,' or '.join(f'nn.{k.__name__}' for k in kinds)
     layers,exclude,rank = layer_names(layers),layer_names(exclude, 'exclude'),opts.get('rank')
-    per_layer = isinstance(rank, dict) or callable(getattr(rank, 'ranks', None))
+    _check_rule(rank)
+    per_layer = isinstance(rank, (dict, RankRule))
     if method not in methods and not (method=='auto' and convs): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, tuple(methods) + ('auto',)*convs))}")
     if method=='auto' and not per_layer: raise ValueError(AUTO)
     _check_model(model, 'decompose', kinds, 'svd' if method=='auto' else method)
     if per_layer and (other := [k for k in RANK_OPTIONS[1:] if opts.get(k) is not None]):
         raise ValueError(f"got rank= (per layer) and {other[0]}= at once; pass only one of rank=, keep=, percent_removed=, energy=")
     if isinstance(rank, dict): rank = first_names(rank, model); _check_rank_dict(rank, dict(model.named_modules()))
-    if calib is None: calib = getattr(rank, 'calib', None)   # a budget's own calibration fits the factors too
+    if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
     opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError("energy= is not defined for CP (it has no singular values); pass rank= or keep=")
@@ -459,7 +499,7 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
 @patch
 def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               method:str|None=None, # how to factorize: 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d, or 'auto' (a budget chooses)
-              rank=None,            # an int or a pair (Tucker's (out, in)), capped at each layer's full rank; 'full' (exact); a {layer name: rank or (method, rank)} dict; or a budget with `.ranks(model, candidates)`
+              rank=None,            # an int or a pair (Tucker's (out, in)), capped at each layer's full rank; 'full' (exact); a {layer name: rank or (method, rank)} dict; or a `RankRule` (`VBMF`, `Budget`, ...)
               keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
               percent_removed=None, # fraction of each layer's rank to remove
               energy=None,          # share of squared singular values to keep
@@ -467,7 +507,7 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               exclude=None,         # names of layers (or of modules holding them) to leave as they are
               sample=None,          # an input batch (or its shape) to count multiply-adds with
               quiet:bool=False,     # hide the progress bar
-              calib=None,           # data-aware factors: a `Calibration` (an object with `.prepare(model, names)` and `.blocks(items)`)
+              calib=None,           # data-aware factors: a `Calibration` (or another `Calibrator`)
               head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
              )->nn.Module:
     "A copy of `model` with its layers decomposed; the report is kept in `self.report`"
@@ -489,9 +529,10 @@ def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:boo
     layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')
     for n in (layers or []) + (exclude or []):
         if n not in mods: raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules()")
-    if method=='auto' and not (isinstance(opts.get('rank'), dict) or callable(getattr(opts.get('rank'), 'plan', None))): raise ValueError(AUTO)
-    if calib is None: calib = getattr(opts.get('rank'), 'calib', None)   # a budget's own calibration fits the factors too
+    rank = opts.get('rank'); _check_rule(rank)
+    if method=='auto' and not isinstance(rank, (dict, ModelBudget)): raise ValueError(AUTO)
+    if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
-    if callable(getattr(opts.get('rank'), 'plan', None)):   # a whole-model budget: one plan over both kinds of layers
+    if isinstance(rank, ModelBudget):   # a whole-model budget: one plan over both kinds of layers
         opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude, calib=calib, head=head)
     return decompose_layers(model, (nn.Linear, nn.Conv2d), method, Conv_Decomposer.methods, layers, exclude, sample, quiet, calib, head, **opts)

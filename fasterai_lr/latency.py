@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from .factorize import *
 from .layers import *
 from .decompose import *
-from .ranks import Budget, Curve, allocate, rank_errors, candidates, _prepare
+from .ranks import Budget, Curve, allocate, rank_errors, _prepare
 
 # %% auto #0
 __all__ = ['LATENCIES', 'time_calls', 'LatencyCache', 'layer_key', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
@@ -168,7 +168,7 @@ def _fractions(v, arg:str)->tuple:
 def _methods(layer, method, methods):
     return ['svd'] if method=='svd' and (isinstance(layer, nn.Linear) or layer.kernel_size==(1,1)) else list(methods or [method])
 
-class LatencyAware:
+class LatencyAware(ModelBudget):
     "Per layer, the (method, rank) within `keep` of its parameters that loses least among those measured faster than the layer; layers where none is are left as they are"
     def __init__(self, keep:float=0.5,     # fraction of each layer's parameters its factorization may keep
                  batch:int=1,              # the batch size to time at
@@ -338,7 +338,7 @@ def planned(model:nn.Module, plan:dict)->nn.Module:
     for n,(m,r) in plan.items(): new.set_submodule(n, shell(new.get_submodule(n), m, r))
     return new.eval()
 
-class LatencyBudget:
+class LatencyBudget(ModelBudget):
     "Ranks (and methods) for the whole model that keep `keep` of its measured latency (or make it `speedup`× faster) with the least error"
     def __init__(self, keep:float|None=None,  # fraction of the model's latency to keep
                  speedup:float|None=None,      # or: how many times faster the model should be (keep = 1/speedup)
@@ -427,5 +427,3 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     self.report = pd.DataFrame(rows).assign(speedup=lambda d: d.ms/d.ms_after)
     self.estimate,self.T_given,self.T_dense = est,T_given,T_dense
     return plan
-
-LatencyAware.plan = LatencyBudget.plan = Budget.plan   # {layer name: (method, rank)} for the whole model, as a `Budget` plans

@@ -17,8 +17,8 @@ from .decompose import _check_calib
 
 # %% auto #0
 __all__ = ['AUTO_METHODS', 'FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve',
-           'layer_curves', 'allocate', 'curve_plan', 'uniform_pick', 'candidates', 'model_macs', 'n_params', 'Budget',
-           'model_totals', 'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep']
+           'layer_curves', 'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'Budget', 'model_totals',
+           'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep', 'candidates']
 
 # %% ../nbs/03_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -70,7 +70,7 @@ def _round_up(r:int, step:int, full:int)->int: return min(full, step*math.ceil(r
 
 def _round_to(v)->int: return check_number(v, 'round_to', 'a positive int: ranks are multiples of it, e.g. round_to=8 (1: any rank)', lo=1, integer=True)
 
-class VBMF:
+class VBMF(RankRule):
     "Per-layer rank rule: empirical VBMF on each layer's matrix (SVD methods) or both channel unfoldings (Tucker, Kim et al. 2015)"
     def __init__(self, energy:float=0.9, # the energy rule to fall back to where the noise cannot be estimated
                  round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank)
@@ -82,7 +82,7 @@ class VBMF:
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
         if method=='tucker': return tuple(_round_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
         return _round_up(vbmf_rank(svd_matrix(K, method), self.energy), self.round_to, full)
-    def ranks(self, model:nn.Module, candidates:list, sample=None)->dict:
+    def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
         "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model`"
         return {n: self.rank(l, m) for n,l,m,_ in candidates}
 
@@ -280,12 +280,7 @@ def uniform_pick(curves:list[Curve], limit:float, by:str='params', method:str|No
     return next((p for p in map(at, np.linspace(1, 0, 201)) if total(p) <= limit), None)
 
 # %% ../nbs/03_ranks.ipynb #8d72047a
-def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False, calib=None)->list:
-    "(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize, outside `Factorized` blocks"
-    if method not in ('auto',)+AUTO_METHODS: raise ValueError(f"unknown method {method!r}; pass 'tucker', 'cp', 'svd', 'spatial' or 'auto'")
-    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, head=head)
-    for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
-    return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read by a parent, ...) left out
+_all_ = ['candidates']   # `candidates` lives in decompose, beside the walk whose screen it shares; ranks still exports it
 
 def _prepare(calib, model:nn.Module, cands:list):
     "`calib` prepared on `model` for the layers of `cands` [(name, layer, method, shapes)] before a curve reads its data (None: weight-only)"
@@ -301,7 +296,7 @@ def model_macs(model:nn.Module, sample)->int:
 def n_params(model:nn.Module)->int: return sum(p.numel() for p in model.parameters())
 
 # %% ../nbs/03_ranks.ipynb #a3d6f450
-class Budget:
+class Budget(ModelBudget):
     "Ranks for all decomposable layers that keep `params` (or `macs`) of the whole model with the least (weighted) error"
     def __init__(self, params:float|None=None, # fraction of the whole model's parameters to keep
                  macs:float|None=None,      # fraction of the whole model's multiply-adds to keep (needs `sample=`)
@@ -396,12 +391,6 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
                             weight=float(np.broadcast_to(c.weight, c.err.shape)[j]), note='' if o is not None else 'kept: cheaper to lose error elsewhere')
     self.report = pd.DataFrame(list(rows.values()))
     return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
-
-@patch
-def plan(self:Budget, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, calib=None, head:bool=False)->dict:
-    "{layer name: rank} for every Linear and Conv2d of `model` (but its output layer, unless `head`): pass it as `rank=` to `decompose_model` or a decomposer"
-    sample = sample if sample is not None else self.sample
-    return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
 
 # %% ../nbs/03_ranks.ipynb #257d8060
 def _block(name:str, depth:int)->str: return '.'.join(name.split('.')[:depth])

@@ -29,22 +29,7 @@ def setitem(d, k, v): d[k] = v
 
 # ---- did anything change?
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype==b.dtype and a.shape==b.shape and a.device==b.device and (a.is_meta or torch.equal(a, b))
-    return a==b
-
-def snapshot(m):
-    if not isinstance(m, nn.Module): return None
-    return ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k,v in m.state_dict().items()},
-            [(n, type(x), id(x)) for n,x in m.named_modules()], [(n, id(p), p.requires_grad) for n,p in m.named_parameters()])
-
-def assert_untouched(before, m, case):
-    if before is None: return
-    state,mods,params = before
-    now = snapshot(m)
-    assert now[1]==mods and now[2]==params, f"{case}: the modules or parameters changed"
-    assert now[0].keys()==state.keys() and all(_same(state[k], now[0][k]) for k in state), f"{case}: the state_dict changed"
+from untouched_check import _same, snapshot, assert_untouched
 
 # ---- the cases: (id, build the target, call on it, exception type, a piece of the message)
 

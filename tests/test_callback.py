@@ -9,7 +9,7 @@ from fastai.callback.channelslast import ChannelsLast
 from fastai.optimizer import Adam, SGD, OptimWrapper
 from fastai.torch_core import set_seed, trainable_params
 from fasterai_lr.layers import Factorized
-from fasterai_lr.decompose import decompose_model
+from fasterai_lr.decompose import decompose_model, RankRule, ModelBudget, Calibrator
 from fasterai_lr.callback import DecomposeCallback, dense_layers
 from fasterai_lr.cli import digits_dls, digits_learner
 
@@ -92,17 +92,17 @@ def test_groups_and_exact_parameters(dls, splitter):
 
 # ---- the extension points: rank rules, whole-model budgets, data-aware factors
 
-class Fixed:
+class Fixed(RankRule):
     "A rank rule: `.ranks(model, candidates)`"
-    def ranks(self, model, cands, sample=None): return {n: (2, 2) if meth=='tucker' else 2 for n,_,meth,_ in cands}
+    def ranks(self, model, cands, sample=None, calib=None): return {n: (2, 2) if meth=='tucker' else 2 for n,_,meth,_ in cands}
 
-class Planner:
+class Planner(ModelBudget):
     "A whole-model budget: `.plan(model, method, ...)`, called once at the swap"
     def plan(self, model, method, sample=None, layers=None, exclude=None, calib=None, head=False):
         self.seen = (method, sample.shape, layers, exclude, calib, head)
         return {'body.2.0': (4, 4), 'head.2': 3}
 
-class Calib:
+class Calib(Calibrator):
     "Data-aware factors: `.prepare(model, names)`, then `.blocks([(name, layer, method, rank)])` → {name: block, or None: the weight-only block}"
     def __init__(self): self.built = []
     def prepare(self, model, names): self.names = list(names); return self

@@ -1,5 +1,5 @@
 "The documentation: the pieces of tools/docs.py (fast), and the site built by tools/docs.sh and opened in headless Chromium (slow)"
-import base64, importlib.util, json, re, shutil, subprocess, sys, tempfile, time
+import base64, html, importlib.util, json, os, re, shutil, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
@@ -60,10 +60,36 @@ def test_readme_is_written_from_the_index():
     if docs.README_MARK not in readme: pytest.skip("README.md is not generated from nbs/index.ipynb yet (bash tools/readme.sh)")
     assert readme == text, "README.md is out of date with nbs/index.ipynb: run bash tools/readme.sh"
 
+def test_sections_in_the_sidebar():
+    body = '<h2 id="a">A</h2><p>x</p><h3 id="a1">A.1</h3><h2 id="b">B <code>b</code></h2>'
+    side = docs.side_toc(body)
+    assert side == '<ul class="page-toc"><li><a href="#a">A</a></li><li><a href="#b">B b</a></li></ul>', side
+    assert docs.side_toc('<h2 id="a">A</h2>') == '' and 'href="#a1"' in docs.toc(body)
+    order,pages = [('', ['index.ipynb'])],{'index.ipynb': 'index.html'}
+    assert side in docs.nav(order, {'index.ipynb': 'Home'}, pages, 'index.ipynb', 'index.html', side)
+
+def test_a_cell_mixing_imports_and_code_is_explained(tmp_path):
+    "nbdev's doc processing runs every cell with an import alone: when that breaks the build, the build says why"
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    cell = lambda src: dict(cell_type='code', execution_count=None, id=f'c{abs(hash(src))}', metadata={}, outputs=[], source=src)
+    nb = dict(cells=[cell('#| export\ndef f(): "A function, so that nbdev documents the notebook"'), cell('x = 1'), cell('import math\nprint(math.pi + x)')],
+              metadata={}, nbformat=4, nbformat_minor=5)
+    (nbs/'mixed.ipynb').write_text(json.dumps(nb))
+    rel,err,_ = docs.build_one('mixed.ipynb', nbs, tmp_path/'_proc', ROOT/'fasterai_lr', [], execute=False)
+    assert err and "NameError: name 'x' is not defined" in err and 'put the import in a cell of its own' in err, err
+
 # ---------------------------------------------------------------- the site in a browser
 CHROMIUM = next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome') if shutil.which(b)), None)
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--hide-scrollbars']
+
+@pytest.fixture(scope='module')
+def browser():
+    "Chromium, or a skip (a failure where FASTERAI_LR_REQUIRE_CHROMIUM is set, as .ci/run sets it: there the site must be opened)"
+    if CHROMIUM: return CHROMIUM
+    msg = "no Chromium (chromium, chromium-browser or google-chrome on PATH): apt-get install chromium to open the site in a browser"
+    if os.environ.get('FASTERAI_LR_REQUIRE_CHROMIUM'): pytest.fail(msg)
+    pytest.skip(msg)
 
 def chromium(url:str, *args, timeout=90)->str:
     "stdout of headless Chromium on `url`, with a fresh profile"
@@ -104,8 +130,7 @@ def expected_pages()->dict:
     return {r: str(nbpath2html(r)) for _,rs in docs.page_order(NBS) for r in rs}
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium to open the site in a browser")
-def test_site_in_chromium(site):
+def test_site_in_chromium(browser, site):
     pages = expected_pages()
     missing = [p for p in pages.values() if not (site/p).exists()]
     assert not missing, f"pages not built: {missing}"
@@ -133,8 +158,7 @@ def test_site_in_chromium(site):
     assert any(parse(doms[p]).imgs for p in tutorials), "no tutorial shows a plot"
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium to take screenshots")
-def test_screenshots_for_a_person_to_look_at(site):
+def test_screenshots_for_a_person_to_look_at(browser, site):
     "_site/screenshots/index.png and tutorial.png (the conv methods tutorial, or the first one there is)"
     shots = site/'screenshots'
     shots.mkdir(exist_ok=True)
@@ -144,3 +168,47 @@ def test_screenshots_for_a_person_to_look_at(site):
         chromium((site/page).as_uri(), '--window-size=1400,2200', f'--screenshot={shots/name}.png')
         png = (shots/f'{name}.png').read_bytes()
         assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 20_000, f"screenshot of {page} is empty"
+
+# What a page measures at a window's width: a copy of the page with a script that writes its measurements into the DOM
+PROBE = """<script>window.addEventListener('load', () => {
+  const main = document.querySelector('main.content'), r = main.getBoundingClientRect(), cs = getComputedStyle(main);
+  const boxes = [...main.querySelectorAll('pre, table, .output.html, .output.image, .highlight, math[display="block"]')];
+  const wide = boxes.filter(e => e.scrollWidth > e.clientWidth + 2).map(e => ({tag: e.tagName.toLowerCase(), cls: e.className,
+      scroll: e.scrollWidth, client: e.clientWidth, text: (e.innerText || '').trim().split('\\n')[0].slice(0, 80)}));
+  const out = document.createElement('pre'); out.id = 'layout-probe';
+  out.textContent = JSON.stringify({window: innerWidth, main: r.width, inner: main.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight),
+      page: document.documentElement.scrollWidth, boxes: boxes.length, wide: wide});
+  document.body.appendChild(out);
+});</script>"""
+
+def measure(site:Path, page:str, width:int)->dict:
+    "Layout figures of `page` of `site` in a `width`-px window: the content column's width, and the code blocks and tables wider than their box"
+    probe = (site/page).with_name(f'_probe_{Path(page).name}')
+    probe.write_text((site/page).read_text().replace('</body>', PROBE + '</body>'))
+    try: dom = chromium(probe.as_uri(), f'--window-size={width},1000', '--virtual-time-budget=5000', '--dump-dom')
+    finally: probe.unlink()
+    m = re.search(r'<pre id="layout-probe">(.*?)</pre>', dom, re.S)
+    assert m, f"{page} did not load in Chromium (no layout figures in the DOM)"
+    return json.loads(html.unescape(m.group(1)))
+
+SHOT_1280 = {'index.ipynb': 'index', 'tutorials/data_aware.ipynb': 'data_aware'}  # the README's page, and the tutorial with the widest tables
+
+@pytest.mark.slow
+def test_content_uses_the_width_at_1280px(browser, site):
+    "In a 1280 px window every page's content column is ~1000 px wide and no code block or table scrolls sideways; screenshots _site/screenshots/*_1280.png"
+    pages,problems = expected_pages(),[]
+    with ThreadPoolExecutor(2) as ex: sizes = dict(zip(pages.values(), ex.map(lambda p: measure(site, p, 1280), pages.values())))
+    for page,m in sizes.items():
+        if m['main'] < 1000: problems.append(f"{page}: the content column is {m['main']:.0f} px wide in a 1280 px window (want >= 1000)")
+        if m['page'] > m['window'] + 2: problems.append(f"{page}: the page is {m['page']} px wide, wider than the window ({m['window']} px)")
+        problems += [f"{page}: a {w['tag']}.{w['cls']} scrolls sideways ({w['scroll']} px in {w['client']} px): {w['text']!r}" for w in m['wide']]
+    m = sizes['index.html']
+    print(f"\nat 1280 px: content column {m['main']:.0f} px ({m['inner']:.0f} px inside its padding); "
+          f"{sum(m['boxes'] for m in sizes.values())} code blocks and tables on {len(sizes)} pages, {sum(len(m['wide']) for m in sizes.values())} too wide")
+    shots = site/'screenshots'; shots.mkdir(exist_ok=True)
+    for nb,name in SHOT_1280.items():
+        chromium((site/pages[nb]).as_uri(), '--window-size=1280,2400', f'--screenshot={shots/name}_1280.png')
+        png = (shots/f'{name}_1280.png').read_bytes()
+        assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 20_000, f"screenshot of {pages[nb]} is empty"
+        print(f"screenshot: {shots/name}_1280.png")
+    assert not problems, '\n'.join(problems)
