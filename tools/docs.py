@@ -17,7 +17,7 @@ from nbdev.config import get_config
 from nbdev.doclinks import nbglob
 
 TUTORIALS = ['linear', 'conv_methods', 'callback', 'ranks', 'data_aware', 'export']  # reading order; others follow by name
-EXPLANATIONS = ['explanations']
+EXPLANATIONS = ['explanations', 'untouched']
 IMAGES = ('.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp')
 
 # ---------------------------------------------------------------- navigation
@@ -47,27 +47,36 @@ def _key(src:Path, lib:Path, flags)->str:
     for f in sorted(lib.glob('*.py')): h.update(f.read_bytes())
     return h.hexdigest()
 
-def build_one(rel:str, nbs:Path, proc:Path, lib:Path, flags:list, execute:bool=True, timeout:int=600):
+def build_one(rel:str, nbs:Path, proc:Path, lib:Path, flags:list, execute:bool=True, timeout:int=600, fresh:bool=False):
     "Execute `rel` (a copy of it, in _proc/_exec/) as nbdev-test does, then process it for the docs: (rel, error or None, seconds)"
     from nbdev.test import test_nb
     from nbdev.processors import FilterDefaults
     t0,src,ex,out = time.time(),nbs/rel,proc/'_exec'/rel,proc/rel
     key,kf = _key(src, lib, [flags, execute]),proc/'_exec'/(rel+'.key')
-    if out.exists() and kf.exists() and kf.read_text()==key: return rel, None, 0.
+    if not fresh and out.exists() and kf.exists() and kf.read_text()==key: return rel, None, 0.
     ex.parent.mkdir(parents=True, exist_ok=True); out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, ex)
     if execute:
         ok,_ = test_nb(ex, skip_flags=flags, save=True, basepath=str(nbs.parent), cell_timeout=timeout)
         if not ok: return rel, 'a cell failed to execute (traceback above)', time.time()-t0
-    try:
-        nb = read_nb(ex)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # nbdev's advice on cells that mix imports and code: for the notebooks' authors, not this build
+    with warnings.catch_warnings(record=True) as said:  # nbdev's advice on cells that mix imports and code: shown only if it matters
+        warnings.simplefilter('always')
+        try:
+            nb = read_nb(ex)
             FilterDefaults()(nb)
-        write_nb(nb, out)
-    except Exception as e: return rel, f'nbdev could not process it for the docs: {e}', time.time()-t0
+            write_nb(nb, out)
+        except Exception as e: return rel, f'nbdev could not process it for the docs: {e}' + _mixed_hint(e, said), time.time()-t0
     kf.write_text(key)
     return rel, None, time.time()-t0
+
+_MIXED = 'Found cells containing imports and other code'
+def _mixed_hint(e:Exception, said)->str:
+    "Why a cell that ran in the notebook fails in nbdev's doc processing, when that is the reason"
+    src = str(e).split(' :\n', 1)[-1].rsplit('\n', 1)[0].strip()
+    if not src or not any(_MIXED in str(w.message) and src in str(w.message) for w in said): return ''
+    return ("\n  Why: this cell mixes imports with other code. nbdev's doc processor (exec_show_docs, which `nbdev-docs` runs too)"
+            "\n  executes every cell that holds an import, with the export and show_doc cells, in a fresh kernel and without"
+            "\n  the notebook's other cells, so names that those define are missing. Fix: put the import in a cell of its own.")
 
 # ---------------------------------------------------------------- Markdown, math, code
 def slug(text:str)->str:
@@ -199,16 +208,29 @@ def _norm(p:str)->str:
         elif part not in ('', '.'): out.append(part)
     return '/'.join(out)
 
+def headings(body:str)->list[tuple[int,str,str]]:
+    "The page's h2 and h3 headings as (level, id, text)"
+    return [(int(l), i, re.sub(r"<[^>]+>", "", t)) for l,i,t in re.findall(r'<h([23]) id="([^"]+)"[^>]*>(.*?)</h\1>', body, re.S)]
+
 def toc(body:str)->str:
-    hs = re.findall(r'<h([23]) id="([^"]+)"[^>]*>(.*?)</h\1>', body, re.S)
+    "The page's table of contents, in the right-hand column (on wide windows: see tools/docs.css)"
+    hs = headings(body)
     if len(hs) < 2: return ''
-    items = ''.join(f'<li class="toc-h{l}"><a href="#{i}">{re.sub(r"<[^>]+>", "", t)}</a></li>' for l,i,t in hs)
+    items = ''.join(f'<li class="toc-h{l}"><a href="#{i}">{t}</a></li>' for l,i,t in hs)
     return f'<nav class="toc"><div class="toc-title">On this page</div><ul>{items}</ul></nav>'
 
-def nav(order, titles:dict, pages:dict, here_nb:str, here:str)->str:
+def side_toc(body:str)->str:
+    "The page's sections (its h2, else its h3), under its entry in the sidebar: the contents where the window is too narrow for the right-hand column"
+    hs = headings(body)
+    top = [h for h in hs if h[0]==2] or hs
+    if len(top) < 2: return ''
+    return '<ul class="page-toc">' + ''.join(f'<li><a href="#{i}">{t}</a></li>' for _,i,t in top) + '</ul>'
+
+def nav(order, titles:dict, pages:dict, here_nb:str, here:str, here_toc:str='')->str:
     out = []
     for sec,rels in order:
-        items = ''.join(f'<li{" class=active" if r==here_nb else ""}><a href="{relative(pages[r], here)}">{html.escape(titles[r])}</a></li>' for r in rels)
+        items = ''.join(f'<li class=active><a href="{relative(pages[r], here)}">{html.escape(titles[r])}</a>{here_toc}</li>' if r==here_nb else
+                        f'<li><a href="{relative(pages[r], here)}">{html.escape(titles[r])}</a></li>' for r in rels)
         out.append((f'<div class="nav-section">{html.escape(sec)}</div>' if sec else '') + f'<ul>{items}</ul>')
     return ''.join(out)
 
@@ -241,7 +263,7 @@ def render_site(proc:Path, nbs:Path, out:Path, order, cfg):
         desc = fm.get('description', '')
         page = TEMPLATE.format(title=html.escape(fm.get('title') or titles[r]), site=html.escape(cfg.title), tagline=html.escape(cfg.get('description', '')),
                                description=html.escape(re.sub(r'[`*]', '', desc)), desc_html=f'<div class="description">{md.renderInline(desc)}</div>' if desc else '',
-                               root=relative('', here), repo=cfg.get('git_url', '#'), nav=nav(order, titles, pages, r, here),
+                               root=relative('', here), repo=cfg.get('git_url', '#'), nav=nav(order, titles, pages, r, here, side_toc(body)),
                                body=body, toc=toc(body), source=r)
         (out/here).parent.mkdir(parents=True, exist_ok=True)
         (out/here).write_text(page)
@@ -275,6 +297,7 @@ def main(argv=None):
     ap.add_argument('--no-exec', action='store_true', help="render the outputs stored in the notebooks instead of executing them")
     ap.add_argument('--n-workers', type=int, default=2, help='notebooks executed at once')
     ap.add_argument('--flags', default='', help='tst_flags to run anyway (as nbdev-test --flags)')
+    ap.add_argument('--fresh', action='store_true', help='execute every notebook, cached or not (tools/test.sh: the build is its notebook test)')
     ap.add_argument('--readme', metavar='PATH', help='only write the README made from nbs/index.ipynb to PATH (tools/readme.sh)')
     a = ap.parse_args(argv)
     cfg = get_config()
@@ -282,13 +305,13 @@ def main(argv=None):
         Path(a.readme).write_text(readme(cfg.nbs_path/'index.ipynb'))
         return print(f"wrote {a.readme} from {cfg.nbs_path.name}/index.ipynb") or 0
     root,t0 = cfg.config_path,time.time()
-    nbs,proc,out,lib = cfg.nbs_path,root/'_proc',root/a.out,cfg.lib_path
+    nbs,proc,out,lib = cfg.nbs_path,root/'_proc',(root/a.out).resolve(),cfg.lib_path
     flags = [f for f in str(cfg.get('tst_flags', '')).replace('|', ' ').split() if f not in a.flags.split()]
     order = page_order(nbs)
     write_sidebar(nbs, order)
     rels = [r for _,rs in order for r in rs]
     print(f"{len(rels)} notebooks: executing and processing ({a.n_workers} at a time)" + (' (stored outputs)' if a.no_exec else ''), flush=True)
-    res = parallel(build_one, rels, nbs=nbs, proc=proc, lib=lib, flags=flags, execute=not a.no_exec,
+    res = parallel(build_one, rels, nbs=nbs, proc=proc, lib=lib, flags=flags, execute=not a.no_exec, fresh=a.fresh,
                    timeout=cfg.get('cell_timeout', 600), n_workers=a.n_workers, threadpool=False)
     for rel,err,t in res: print(f"  {rel:<34} {'cached' if t==0 and not err else f'{t:5.1f}s'}{'  FAILED: '+err if err else ''}")
     failed = [(r,e) for r,e,_ in res if e]
@@ -297,7 +320,8 @@ def main(argv=None):
     if out.exists(): shutil.rmtree(out)
     out.mkdir(parents=True)
     pages = render_site(proc, nbs, out, order, cfg)
-    print(f"{len(pages)} pages in {out.relative_to(root)}/ ({time.time()-t0:.0f}s); open {out.relative_to(root)}/index.html")
+    shown = out.relative_to(root.resolve()) if out.is_relative_to(root.resolve()) else out  # --out may be outside the project
+    print(f"{len(pages)} pages in {shown}/ ({time.time()-t0:.0f}s); open {shown}/index.html")
     if failed:
         print(f"{len(failed)} notebook(s) left out of the site: " + ', '.join(r for r,_ in failed), file=sys.stderr)
         return 1
