@@ -1,4 +1,4 @@
-"Everything a user needs: `from fasterai_lr.all import *`"
+"Everything a user needs: `from fasterai_lr.all import *` (the bundled-data demo is not in it: `fasterai_lr.cli`)"
 from .factorize import *
 from .layers import *
 from .decompose import *
@@ -7,4 +7,3 @@ from .calibrate import *
 from .callback import *
 from .latency import *
 from .export import *
-from .cli import digits_dls, digits_cnn, digits_learner   # the bundled-data example the tutorials use
