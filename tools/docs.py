@@ -17,7 +17,7 @@ from nbdev.config import get_config
 from nbdev.doclinks import nbglob
 
 TUTORIALS = ['linear', 'conv_methods', 'callback', 'ranks', 'data_aware', 'export']  # reading order; others follow by name
-EXPLANATIONS = ['explanations', 'untouched']
+EXPLANATIONS = ['explanations', 'untouched', 'layout']
 IMAGES = ('.png', '.jpg', '.jpeg', '.gif', '.svg', '.webp')
 
 # ---------------------------------------------------------------- navigation
