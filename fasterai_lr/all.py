@@ -6,4 +6,5 @@ from .ranks import *
 from .calibrate import *
 from .callback import *
 from .latency import *
+from .evaluate import *
 from .export import *

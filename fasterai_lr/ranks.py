@@ -1,4 +1,4 @@
-"""Rank rules and whole-model budgets: VBMF per layer, one budget of parameters or MACs for the whole model, a search, a sweep.
+"""Rank rules and whole-model budgets: VBMF per layer, one budget of parameters or MACs for the whole model (the search and the sweeps are in Evaluate).
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/ranks.html.md"""
 
@@ -18,7 +18,7 @@ from .decompose import _check_calib
 # %% auto #0
 __all__ = ['AUTO_METHODS', 'FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve',
            'layer_curves', 'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'Budget', 'model_totals',
-           'search_ranks', 'cpu_latency', 'sweep', 'plot_sweep', 'candidates']
+           'candidates']
 
 # %% ../nbs/03_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -391,108 +391,3 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
                             weight=float(np.broadcast_to(c.weight, c.err.shape)[j]), note='' if o is not None else 'kept: cheaper to lose error elsewhere')
     self.report = pd.DataFrame(list(rows.values()))
     return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
-
-# %% ../nbs/03_ranks.ipynb #257d8060
-def _block(name:str, depth:int)->str: return '.'.join(name.split('.')[:depth])
-
-def search_ranks(model:nn.Module,
-                 evaluate:Callable,           # model -> accuracy (higher is better)
-                 finetune:Callable|None=None, # model -> None: a short fine-tune, in place, before `evaluate`
-                 method:str='tucker',         # how Conv2d layers are factorized (Linear by SVD)
-                 sample=None,                 # a batch (or its shape): needed for `by='macs'`
-                 by:str='macs',               # the cost to trade accuracy against: 'macs' or 'params'
-                 n_trials:int=20,
-                 keep=(0.2, 0.9),             # range of the budget fraction
-                 spread:float=4.,             # block multipliers on the error weights lie in [1/spread, spread]
-                 depth:int=1,                 # blocks: the first `depth` parts of the layer names
-                 seed:int=0,
-                 sampler:str='tpe',           # 'tpe' or 'nsga2'
-                 calib=None,                  # a `Calibration`: the curves are output errors on its data (see `Budget`)
-                 round_to:int=1, res:int=32)->pd.DataFrame:
-    "Pareto front of accuracy against `by` over budget allocations: an Optuna study around the greedy allocation"
-    import optuna
-    if by not in ('macs','params'): raise ValueError(f"by={by!r}: pass 'macs' or 'params'")
-    if by=='macs' and sample is None: raise ValueError("a search against MACs needs sample= (a batch or its shape); or pass by='params'")
-    cands = candidates(model, method, sample)
-    curves = layer_curves(cands, round_to, res, _prepare(calib, model, cands))
-    total,fixed = model_totals(model, cands, curves, by, sample)
-    base = [c.weight for c in curves]
-    blocks = list(dict.fromkeys(_block(c.name, depth) for c in curves))
-    least = (fixed + sum(c.cost(by).min() for c in curves))/total
-    lo,hi = max(keep[0], least*1.001), keep[1]
-    if lo >= hi: raise ValueError(f"keep={keep} is out of reach: the layers cannot go below {least:.1%} of the {by}")
-    plans = {}
-    def objective(trial):
-        f = trial.suggest_float('keep', lo, hi)
-        mult = {b: trial.suggest_float(f'x[{b}]', 1/spread, spread, log=True) for b in blocks}
-        for c,w in zip(curves, base): c.weight = w*mult[_block(c.name, depth)]
-        pick = allocate(curves, f*total - fixed, by)
-        plans[trial.number] = plan = {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
-        new,_ = decompose_model(model, method, rank=plan, quiet=True, calib=calib)
-        if finetune is not None: finetune(new)
-        cost = (fixed + sum(c.cost(by)[j] for c,j in zip(curves, pick)))/total
-        trial.set_user_attr('params', n_params(new)/n_params(model)); trial.set_user_attr(by, cost)
-        return float(evaluate(new)), cost
-    samplers = dict(tpe=lambda: optuna.samplers.TPESampler(seed=seed), nsga2=lambda: optuna.samplers.NSGAIISampler(seed=seed))
-    if sampler not in samplers: raise ValueError(f"unknown sampler={sampler!r}; pass 'tpe' or 'nsga2'")
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(directions=['maximize', 'minimize'], sampler=samplers[sampler]())
-        study.enqueue_trial({'keep': (lo+hi)/2, **{f'x[{b}]': 1. for b in blocks}})
-        study.optimize(objective, n_trials=n_trials)
-    finally: optuna.logging.set_verbosity(verbosity)
-    rows = [dict(trial=t.number, accuracy=t.values[0], **t.user_attrs, **t.params, plan=plans[t.number]) for t in study.best_trials]
-    return pd.DataFrame(rows).sort_values(by, ignore_index=True)
-
-# %% ../nbs/03_ranks.ipynb #95bf8354
-def cpu_latency(model:nn.Module, sample, min_run_time:float=0.2)->float:
-    "Median latency in ms of `model` on `sample` (a batch, or its shape) on one CPU thread, by `torch.utils.benchmark`"
-    from torch.utils.benchmark import Timer
-    x = sample if isinstance(sample, Tensor) else sample_input(model, sample)
-    with evaluating(model), torch.inference_mode(): return Timer('m(x)', globals=dict(m=model, x=x)).blocked_autorange(min_run_time=min_run_time).median*1e3
-
-def sweep(model:nn.Module,
-          evaluate:Callable,            # model -> accuracy
-          sample,                       # a batch (or its shape) for MACs and latency
-          fractions=(0.1, 0.2, 0.3, 0.5, 0.7),
-          method:str='tucker',
-          by:str='params',              # 'params'/'macs': a `Budget`; 'keep': uniform per-layer keep; 'rank': uniform fraction of the rank
-          finetune:Callable|None=None,  # model -> None: a short fine-tune, in place
-          latency:bool=True,
-          layers=None, exclude=None,    # the layers to decompose (all by default) and those to leave, as in `decompose_model`
-          **budget_kw)->pd.DataFrame:
-    "Accuracy (before and after `finetune`), size and CPU latency of `model` decomposed at each of `fractions`"
-    if by not in ('params','macs','keep','rank'): raise ValueError(f"by={by!r}: pass 'params', 'macs', 'keep' or 'rank'")
-    P0,M0 = n_params(model), model_macs(model, sample)
-    def row(m, f, rule):
-        r = dict(fraction=f, rule=rule, params=n_params(m)/P0, macs=model_macs(m, sample)/M0, accuracy=float(evaluate(m)))
-        if latency: r['latency_ms'] = cpu_latency(m, sample)
-        return r
-    rows = [row(model, 1., 'original')]
-    if finetune is not None: rows[0]['accuracy_ft'] = rows[0]['accuracy']
-    for f in fractions:
-        opts = dict(rank=Budget(**{by: f}, **budget_kw).plan(model, method, sample, layers=layers, exclude=exclude)) if by in ('params','macs') else \
-               dict(keep=f) if by=='keep' else dict(percent_removed=1-f)
-        new,_ = decompose_model(model, method, sample=sample, quiet=True, layers=layers, exclude=exclude, **opts)
-        rows.append(row(new, f, by))
-        if finetune is not None: finetune(new); rows[-1]['accuracy_ft'] = float(evaluate(new))
-    return pd.DataFrame(rows)
-
-def plot_sweep(df:pd.DataFrame, title:str=''):
-    "Accuracy (before and after fine-tuning) and CPU latency against the fraction kept, side by side"
-    import matplotlib.pyplot as plt
-    fig,axs = plt.subplots(1, 2 if 'latency_ms' in df else 1, figsize=(10 if 'latency_ms' in df else 5, 3.5), squeeze=False)
-    orig,d = df.iloc[0], df.iloc[1:].sort_values('fraction')
-    ax = axs[0,0]
-    ax.plot(d.fraction, d.accuracy, 'o-', label='decomposed')
-    if 'accuracy_ft' in d: ax.plot(d.fraction, d.accuracy_ft, 's-', label='fine-tuned')
-    ax.axhline(orig.accuracy, ls='--', c='gray', label='original')
-    ax.set(xlabel=f'fraction kept ({d.rule.iloc[0]})', ylabel='accuracy'); ax.legend()
-    if 'latency_ms' in df:
-        ax = axs[0,1]
-        ax.plot(d.fraction, d.latency_ms, 'o-'); ax.axhline(orig.latency_ms, ls='--', c='gray')
-        ax.set(xlabel=f'fraction kept ({d.rule.iloc[0]})', ylabel='CPU latency (ms)')
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    return fig

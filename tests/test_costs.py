@@ -178,7 +178,8 @@ def test_report_counts_match_flop_counter(dec, method, opts, sample):
 
 @pytest.mark.parametrize('count', ['model_macs', 'layer_shapes', 'model_costs', 'cpu_latency'])
 def test_counting_keeps_each_modules_mode(count):
-    from fasterai_lr.ranks import model_macs, cpu_latency
+    from fasterai_lr.ranks import model_macs
+    from fasterai_lr.evaluate import cpu_latency
     from fasterai_lr.decompose import layer_shapes
     from fasterai_lr.callback import model_costs
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()

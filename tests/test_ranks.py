@@ -4,6 +4,7 @@ from torch import nn
 from fasterai_lr.factorize import tucker2, tucker2_to_tensor, svd_matrix, cp, cp_to_tensor, leading_subspace, unfold
 from fasterai_lr.decompose import Conv_Decomposer, FC_Decomposer, decompose_model, report_totals
 from fasterai_lr.ranks import *
+from fasterai_lr.evaluate import *
 from fasterai_lr.ranks import _greedy, _minmax, _fill
 
 SAMPLE = (3, 16, 16)
