@@ -11,6 +11,7 @@ from torch import nn, Tensor
 from fastcore.basics import patch, noop
 from fastai.callback.core import Callback
 from fastai.learner import Learner
+import fastai.callback.schedule   # learn.fit_one_cycle and friends: the schedules the callback decomposes within
 from fastai.optimizer import OptimWrapper
 from .layers import Factorized, rank_option, _is_int, _is_real, _py
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -101,15 +101,17 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
 # %% ../nbs/02_decompose.ipynb #3a531dbe
 @functools.cache
 def _sources(cls:type, only_forward:bool=True)->tuple:
-    "(qualified name, source) of `cls`'s own methods and its bases' up to nn.Module: `forward` only, or every method but the initializers"
-    out = []
-    for c in cls.__mro__:
-        if c is nn.Module: break
-        for k,f in vars(c).items():
-            if callable(f) and (k=='forward' if only_forward else not re.search('init|reset', k)):
-                try: out.append((f"{c.__name__}.{k}", inspect.getsource(f)))
-                except (OSError, TypeError): pass
-    return tuple(out)
+    "(qualified name, source) of `cls`'s `forward`, or of every method of it that `forward` reaches by calling it by name (its own or its bases')"
+    meths = {k: (c, f) for c in reversed(cls.__mro__) if c not in (object, nn.Module) for k,f in vars(c).items() if inspect.isfunction(f)}
+    out,todo = {},['forward']
+    while todo:
+        k = todo.pop()
+        if k in out or k not in meths: continue
+        c,f = meths[k]
+        try: out[k] = (f"{c.__name__}.{k}", inspect.getsource(f))
+        except (OSError, TypeError): out[k] = (f"{c.__name__}.{k}", '')
+        if not only_forward: todo += re.findall(r"\.\s*(\w+)\s*\(", out[k][1])   # the methods it calls: `self.project(x)`
+    return tuple(out.values())
 
 def layer_attrs(layer:nn.Module)->list:
     "What a parent could read of `layer` that its block no longer has: parameters, buffers and settings (`weight`, `in_features`, `stride`, ...)"

@@ -115,6 +115,19 @@ def test_read_by_name_seen_by_running():
     d = FC_Decomposer(); d.decompose(ReadsByName(), keep=0.5, quiet=True, sample=(16,))
     assert d.report.set_index('layer').loc['fc', 'note']=="its weight is read outside its forward, by ReadsByName.forward (seen in a forward pass)"
 
+class Describes(nn.Module):   # reads the layer's settings and weight in methods forward never calls (timm's feature_info, reparameterize)
+    def __init__(self): super().__init__(); self.fc = nn.Linear(16, 16); self.out = nn.Linear(16, 4)
+    def feature_info(self): return dict(num_chs=self.fc.out_features)
+    def reparameterize(self): return self.fc.weight.sum()
+    def forward(self, x): return self.out(torch.relu(self.fc(x)))
+
+def test_reads_never_called_from_forward_are_no_reads():
+    torch.manual_seed(0); m = Describes()
+    for kw in ({}, dict(sample=X)):
+        d = FC_Decomposer(); new = d.decompose(m, rank='full', quiet=True, **kw)
+        assert isinstance(new.fc, Factorized), d.report.note.tolist()
+        torch.testing.assert_close(new(X), m(X), atol=1e-5, rtol=1e-5)
+
 def test_init_reads_are_no_reads():
     torch.manual_seed(0); m = InitReads()
     for kw in ({}, dict(sample=X)):
