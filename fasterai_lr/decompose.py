@@ -32,28 +32,28 @@ def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized
     opt,v = rank_option(**opts, name=name)
     return build(layer, checked_rank(layer, method, opt, v, name))
 
+def _per_layer(method:str, build, kind:type, call:str, doc:str):
+    "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): `kind` layer and one rank option in, its `method` block by `build` out"
+    def f(self, layer:nn.Module, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
+        return _factorize(layer, method, build, kind, name, call, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+    f.__name__,f.__qualname__,f.__doc__ = call.split('.')[1],call,doc
+    f.__annotations__['layer'] = kind
+    return f
+
 class FC_Decomposer:
     "Decompose `nn.Linear` layers by truncated SVD: W ≈ A·B → Linear(in, r, bias=False) → Linear(r, out) with the original bias"
     kind,methods,report = nn.Linear,('svd',),None
-    def SVD(self, layer:nn.Linear, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        "`layer` as two Linears of rank `rank` (or the rank that `keep`/`percent_removed`/`energy` asks for)"
-        return _factorize(layer, 'svd', linear_svd, nn.Linear, name, 'FC_Decomposer.SVD', rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+    SVD = _per_layer('svd', linear_svd, nn.Linear, 'FC_Decomposer.SVD',
+                     "`layer` as two Linears of rank `rank` (or the rank that `keep`/`percent_removed`/`energy` asks for)")
 
 class Conv_Decomposer:
     "Decompose `nn.Conv2d` layers by Tucker-2, CP, channel SVD or spatial SVD"
     kind,methods,report = nn.Conv2d,('tucker','cp','svd','spatial'),None
-    def Tucker(self, layer:nn.Conv2d, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        "1×1 → k×k → 1×1 from Tucker-2 of the channel modes (Kim et al. 2015); `rank` is (r_out, r_in) or one int for both"
-        return _factorize(layer, 'tucker', conv_tucker, nn.Conv2d, name, 'Conv_Decomposer.Tucker', rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
-    def CP(self, layer:nn.Conv2d, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        "1×1 → depthwise k×1 → depthwise 1×k → 1×1 from a CP decomposition of the kernel (Lebedev et al. 2014)"
-        return _factorize(layer, 'cp', conv_cp, nn.Conv2d, name, 'Conv_Decomposer.CP', rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
-    def SVD(self, layer:nn.Conv2d, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        "k×k with `rank` filters → 1×1: channel SVD (Zhang et al. 2015)"
-        return _factorize(layer, 'svd', conv_svd, nn.Conv2d, name, 'Conv_Decomposer.SVD', rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
-    def Spatial(self, layer:nn.Conv2d, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        "k×1 with `rank` filters → 1×k: spatial SVD (Jaderberg et al. 2014)"
-        return _factorize(layer, 'spatial', conv_spatial, nn.Conv2d, name, 'Conv_Decomposer.Spatial', rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+    Tucker = _per_layer('tucker', conv_tucker, nn.Conv2d, 'Conv_Decomposer.Tucker',
+                        "1×1 → k×k → 1×1 from Tucker-2 of the channel modes (Kim et al. 2015); `rank` is (r_out, r_in) or one int for both")
+    CP = _per_layer('cp', conv_cp, nn.Conv2d, 'Conv_Decomposer.CP', "1×1 → depthwise k×1 → depthwise 1×k → 1×1 from a CP decomposition of the kernel (Lebedev et al. 2014)")
+    SVD = _per_layer('svd', conv_svd, nn.Conv2d, 'Conv_Decomposer.SVD', "k×k with `rank` filters → 1×1: channel SVD (Zhang et al. 2015)")
+    Spatial = _per_layer('spatial', conv_spatial, nn.Conv2d, 'Conv_Decomposer.Spatial', "k×1 with `rank` filters → 1×k: spatial SVD (Jaderberg et al. 2014)")
 
 # %% ../nbs/02_decompose.ipynb #c33d77e7
 def _out_hw(shape): return tuple(shape[-2:]) if len(shape)==4 else (1,1)
