@@ -257,7 +257,7 @@ def describe_inputs(args, kw)->str:
 def probe(model:nn.Module, sample=None, calib=None)->bool:
     "Run `model` once, in eval mode, on `sample` (a batch or the shape of one) or the first batch of `calib`: False when there is neither"
     if sample is not None: args,kw,what = (sample_input(model, sample),),{},'sample='
-    elif calib is not None and calib.batches(): (args,kw),what = to_model(calib.batches()[0], model),'calibration batch 0'
+    elif calib is not None and (xs := calib.batches()): (args,kw),what = to_model(xs[0], model),'calibration batch 0'
     else: return False
     try:
         with evaluating(model), torch.no_grad(): model(*args, **kw)
@@ -432,8 +432,7 @@ def _swap(new, items, built, follow, rows, shapes, quiet):
     "Put each layer's block (from `built`, else weight-only) in `new` at every place the layer is used; tied followers share their leader's factors"
     paths,blocks = module_paths(new),{}
     for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
-        blk = built.get(n)
-        blocks[n] = blk = (blk if blk is not None else builder(m, meth)(m, r)),m
+        blocks[n] = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)),m
     for f,l in follow.items():
         if l not in blocks: rows[f]['note'] = f"tied to {l}, which stays as it is: so does it"; continue
         fm = new.get_submodule(f)
@@ -536,5 +535,5 @@ def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:boo
     if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
     if isinstance(rank, ModelBudget):   # a whole-model budget: one plan over both kinds of layers
-        opts['rank'] = opts['rank'].plan(model, method, sample, layers=layers, exclude=exclude, calib=calib, head=head)
+        opts['rank'] = rank.plan(model, method, sample, layers=layers, exclude=exclude, calib=calib, head=head)
     return decompose_layers(model, (nn.Linear, nn.Conv2d), method, Conv_Decomposer.methods, layers, exclude, sample, quiet, calib, head, **opts)

@@ -49,7 +49,7 @@ def test_shared_conv_and_macs_counted_per_call():
     assert new[0] is new[2] and isinstance(new[0], Factorized)
     row = d.report.set_index('layer').loc['0']
     assert row['macs']==2*8*8*9*36                                          # it runs twice
-    assert row['macs_after'] < row['macs'] or row['rank']==(8, 8)
+    assert row['macs_after']==row['macs']                                     # full-rank Tucker-2 is its core alone: the same cost, both calls counted
 
 def test_shared_module_named_by_its_second_name():
     m = shared_flat()
@@ -121,15 +121,10 @@ class Describes(nn.Module):   # reads the layer's settings and weight in methods
     def reparameterize(self): return self.fc.weight.sum()
     def forward(self, x): return self.out(torch.relu(self.fc(x)))
 
-def test_reads_never_called_from_forward_are_no_reads():
-    torch.manual_seed(0); m = Describes()
-    for kw in ({}, dict(sample=X)):
-        d = FC_Decomposer(); new = d.decompose(m, rank='full', quiet=True, **kw)
-        assert isinstance(new.fc, Factorized), d.report.note.tolist()
-        torch.testing.assert_close(new(X), m(X), atol=1e-5, rtol=1e-5)
-
-def test_init_reads_are_no_reads():
-    torch.manual_seed(0); m = InitReads()
+@pytest.mark.parametrize('cls', [Describes, InitReads])
+def test_reads_not_at_run_time_are_no_reads(cls):
+    "Reads in methods forward never calls, or at construction, are no run-time reads: the layer is decomposed, with or without an input"
+    torch.manual_seed(0); m = cls()
     for kw in ({}, dict(sample=X)):
         d = FC_Decomposer(); new = d.decompose(m, rank='full', quiet=True, **kw)
         assert isinstance(new.fc, Factorized), d.report.note.tolist()

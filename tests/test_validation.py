@@ -1,7 +1,7 @@
 """Every argument of the calibration, the rank rules, the budgets and the callback checked at the boundary (issue 15, items 4 and 5):
 a bad value gets an error of the right type that names the argument and says what to pass, and leaves the model as it was;
 numpy numbers (np.int64 ranks, np.float64 fractions) are taken as the Python numbers they stand for."""
-import inspect, math, warnings, pytest, torch, numpy as np
+import math, warnings, pytest, torch, numpy as np
 from collections import OrderedDict
 from torch import nn
 from fastai.learner import Learner
@@ -156,7 +156,7 @@ for arg,v,exc,say in (('margin', NAN, ValueError, 'is not a finite number'), ('m
     want = dict(margin='pass how much faster an option must be', tol='pass the relative error within which', steps='positive ints (ranks are also tried rounded down')[arg]
     case(f"LatencyAware-{arg}={v!r}", none, lambda m, arg=arg, v=v: LatencyAware(**{arg: v}), exc, f"{arg}", say, want)
 
-# 8. one layer alone: keep= that no factorization meets (the decomposer's per-layer calls need the one-line change in decompose._factorize, below)
+# 8. one layer alone: keep= that no factorization meets
 case("checked_rank-Linear(1,1)", lambda: nn.Linear(1, 1), lambda l: checked_rank(l, 'svd', 'keep', 0.5, 'fc'), ValueError,
      'fc: keep=0.5 of this Linear(1, 1): even rank 1 of svd keeps 200% of its parameters', 'too small to factorize', 'pass rank= to force a rank')
 case("checked_rank-Conv-tucker", lambda: nn.Conv2d(2, 2, 1), lambda l: checked_rank(l, 'tucker', 'keep', 0.9), ValueError, 'even rank (1, 1) of tucker keeps', 'pass rank=')
@@ -265,11 +265,6 @@ def test_int_start_past_the_end_still_warns():
 
 # ---- 8. a layer too small for keep=: FC_Decomposer().SVD(nn.Linear(1, 1), keep=0.5) returned a larger block
 
-import fasterai_lr.decompose as _dec
-WIRED = 'checked_rank' in inspect.getsource(_dec._factorize)   # until decompose._factorize calls it, these must fail (and then must pass)
-
-@pytest.mark.xfail(not WIRED, strict=True, reason="decompose._factorize does not call layers.checked_rank yet: "
-                                                  "return build(layer, checked_rank(layer, method, opt, v, name))")
 @pytest.mark.parametrize('call', [lambda: FC_Decomposer().SVD(nn.Linear(1, 1), keep=0.5), lambda: Conv_Decomposer().SVD(nn.Conv2d(2, 1, 1), keep=0.5),
                                   lambda: Conv_Decomposer().Tucker(nn.Conv2d(2, 2, 1), keep=0.9)])
 def test_per_layer_keep_too_small(call):
