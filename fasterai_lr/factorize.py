@@ -80,7 +80,8 @@ def leading_subspace(W:Tensor, rank:int, n_iter:int=2, G:Tensor|None=None)->Tens
     return (Ql @ torch.linalg.eigh((Ql.mT @ Gl @ Ql).to(G.dtype))[1].flip(-1)[...,:rank].to(Gl.dtype)).to(G.dtype)
 
 def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
-    "A (…×m×r), B (…×r×n), A@B the best rank-`rank` approximation of W (Eckart–Young; within a few % for m²n > 2e10), singular values split evenly"
+    """A (…×m×r), B (…×r×n), A@B the best rank-`rank` approximation of W (Eckart–Young; within a few % for m²n > 2e10), singular values
+    split evenly"""
     if W.shape[-2] > W.shape[-1]:
         B,A = svd_factors(W.mT, rank)
         return A.mT, B.mT
@@ -103,7 +104,8 @@ def kernel_dtype(K:Tensor)->torch.dtype:
     return min((work_dtype(unfold(K, i)) for i in (0,1)), key=lambda d: torch.finfo(d).bits)
 
 def tucker2(K:Tensor, ranks:tuple[int,int], n_iter:int=4, tol:float=1e-3)->tuple[Tensor,Tensor,Tensor]:
-    "core (…×r_o×r_i×kh×kw), U_out (…×O×r_o), U_in (…×I×r_i): Tucker-2 of K's channel modes by HOSVD, then HOOI sweeps until the error settles"
+    """core (…×r_o×r_i×kh×kw), U_out (…×O×r_o), U_in (…×I×r_i): Tucker-2 of K's channel modes by HOSVD, then HOOI sweeps until the error
+    settles"""
     X,(ro,ri),(O,I) = K.to(kernel_dtype(K)),ranks,K.shape[-4:-2]
     eye = lambda n: torch.eye(n, dtype=X.dtype, device=X.device).expand(*X.shape[:-4], n, n)
     if ro>=O and ri>=I: return X, eye(O), eye(I)
@@ -152,10 +154,41 @@ def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
     return torch.cholesky_solve(M.mT, torch.linalg.cholesky(G)).mT
 
 def _geo_scales(ns:Tensor)->Tensor:
-    "Scales (K×…×R) that take the norms `ns` (K×…×R) of each component in K factors to their geometric mean (their product is 1); 1 where a norm is 0"
+    """Scales (K×…×R) that take the norms `ns` (K×…×R) of each component in K factors to their geometric mean (their product is 1); 1 where
+    a norm is 0"""
     return torch.where((ns > 0).all(0), ns.log().mean(0).exp()/ns, 1.)
 
 _CP_SWEEPS = 2e8  # numel·rank·sweeps (a sweep costs ~2·numel·R multiply-adds) that a CP fit may spend before cutting sweeps down to 8
+
+def _cp_start(X:Tensor, rank:int)->list[Tensor]:
+    "ALS's start: A_o zero (the first update sets it), the others their unfoldings' leading subspaces (seeded random columns past them)"
+    *B,O,I,kh,kw = X.shape
+    g = torch.Generator(device='cpu').manual_seed(0)
+    def init(i):
+        M = unfold(X, i); U = leading_subspace(M, min(rank, M.shape[-2]))
+        if rank > U.shape[-1]: U = torch.cat([U, torch.randn(*U.shape[:-1], rank-U.shape[-1], generator=g).to(U)/U.shape[-2]**0.5], -1)
+        return U
+    return [X.new_zeros(*B,O,rank)] + [init(i) for i in (1,2,3)]
+
+def _gram(f:Tensor)->Tensor: return f.mT@f
+
+def _als_sweep(Xo:Tensor, fs:list, G:list, norm2:Tensor, ridge:float, lo, hi, shape)->tuple[list,float]:
+    "One ALS sweep: the four factors `fs` updated in turn (their Grams `G` with them, in place), and the relative error after it"
+    a_o,a_i,a_h,a_w = fs
+    I,kh,kw = shape
+    # two GEMMs of O·I·hw·R a sweep; every other intermediate is at most channels × hw × R
+    kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)             # hw×R: the spatial Khatri–Rao
+    Z = lo(a_i[...,:,None,:]*kr[...,None,:,:]).flatten(-3,-2)             # I·hw×R: with the input factor
+    a_o = _solve(G[1]*G[2]*G[3], hi(Xo @ Z), ridge); G[0] = _gram(a_o)
+    Q = hi(lo(a_o).mT @ Xo).unflatten(-1, (I,kh*kw))                     # K ×_o A_o, rank-major: …×R×I×hw
+    a_i = _solve(G[0]*G[2]*G[3], (Q @ kr.mT[...,None])[...,0].mT, ridge); G[1] = _gram(a_i)
+    S = (a_i.mT[...,None,:] @ Q)[...,0,:].mT.unflatten(-2, (kh,kw))        # K ×_o A_o ×_i A_i: …×kh×kw×R
+    a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = _gram(a_h)
+    M = torch.einsum('...hwr,...hr->...wr', S, a_h)
+    a_w = _solve(G[0]*G[1]*G[2], M, ridge); G[3] = _gram(a_w)
+    # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_w∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
+    err = ((norm2 - 2*(a_w*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
+    return [a_o,a_i,a_h,a_w], err
 
 def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
        rank:int|str,            # R, the number of rank-one terms, or 'full' for the exact CP (R ≥ `cp_full_rank` is exact too)
@@ -168,36 +201,18 @@ def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
     if rank=='full' or rank>=cp_full_rank(K.shape[-4:]):   # exact, and zero columns for any rank beyond
         return [torch.nn.functional.pad(f, (0, 0 if rank=='full' else rank-f.shape[-1])) for f in cp_exact(K)]
     X = K.to(torch.float64 if K.dtype==torch.float64 or K.numel()*rank < _F64_BUDGET/20 else torch.float32)   # a sweep costs ~2·numel·R
-    *B,O,I,kh,kw = X.shape
     n_iter = n_iter or round(min(30, max(8, _CP_SWEEPS/(K.numel()*rank))))
-    g = torch.Generator(device='cpu').manual_seed(0)
-    def init(i):
-        M = unfold(X, i); U = leading_subspace(M, min(rank, M.shape[-2]))
-        if rank > U.shape[-1]: U = torch.cat([U, torch.randn(*U.shape[:-1], rank-U.shape[-1], generator=g).to(U)/U.shape[-2]**0.5], -1)
-        return U
-    a_o,a_i,a_h,a_w = fs = [X.new_zeros(*B,O,rank)] + [init(i) for i in (1,2,3)]   # A_o: the first update sets it
+    a_o,a_i,a_h,a_w = fs = _cp_start(X, rank)
     norm2,prev = X.square().flatten(-4).sum(-1), None
     Xo = _low(X.flatten(-3)) if X.dtype==torch.float32 else X.flatten(-3)   # …×O×I·hw, in bfloat16 where native: ALS corrects
     lo,hi = lambda t: t.to(Xo.dtype), lambda t: t.to(X.dtype)               # its 2⁻⁹ each sweep, far below a truncation's error
-    gr = lambda f: f.mT@f
-    G = [gr(f) for f in fs]                                                 # the factors' Grams, updated with them
+    G = [_gram(f) for f in fs]                                              # the factors' Grams, updated with them
     for k in range(n_iter):
         if k>1 and step:   # extrapolate along the last sweep's move (not the first one's, away from a random start)
             a_i,a_h,a_w = [f + step*(f-f0) for f,f0 in zip((a_i,a_h,a_w), start)]
-            G[1:] = [gr(f) for f in (a_i,a_h,a_w)]
+            G[1:] = [_gram(f) for f in (a_i,a_h,a_w)]
         start = a_i,a_h,a_w
-        # two GEMMs of O·I·hw·R a sweep; every other intermediate is at most channels × hw × R
-        kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)             # hw×R: the spatial Khatri–Rao
-        Z = lo(a_i[...,:,None,:]*kr[...,None,:,:]).flatten(-3,-2)             # I·hw×R: with the input factor
-        a_o = _solve(G[1]*G[2]*G[3], hi(Xo @ Z), ridge); G[0] = gr(a_o)
-        Q = hi(lo(a_o).mT @ Xo).unflatten(-1, (I,kh*kw))                     # K ×_o A_o, rank-major: …×R×I×hw
-        a_i = _solve(G[0]*G[2]*G[3], (Q @ kr.mT[...,None])[...,0].mT, ridge); G[1] = gr(a_i)
-        S = (a_i.mT[...,None,:] @ Q)[...,0,:].mT.unflatten(-2, (kh,kw))        # K ×_o A_o ×_i A_i: …×kh×kw×R
-        a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = gr(a_h)
-        M = torch.einsum('...hwr,...hr->...wr', S, a_h)
-        a_w = _solve(G[0]*G[1]*G[2], M, ridge); G[3] = gr(a_w)
-        # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_w∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
-        err = ((norm2 - 2*(a_w*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
+        (a_o,a_i,a_h,a_w),err = _als_sweep(Xo, [a_o,a_i,a_h,a_w], G, norm2, ridge, lo, hi, X.shape[-3:])
         if prev is not None and err > prev:   # the extrapolation overshot: back to the last sweep's factors, plain ALS from there
             (a_o,a_i,a_h,a_w),G,step = fs,list(Gs),0.
             continue
@@ -211,12 +226,14 @@ def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
 
 # %% ../nbs/00_factorize.ipynb #b7a1c0e2
 def balance(A:Tensor, B:Tensor)->tuple[Tensor,Tensor]:
-    "A (…×m×r), B (…×r×n) with the same product, column i of A and row i of B both of norm √(‖aᵢ‖‖bᵢ‖); a component with a zero side is left as it is"
+    """A (…×m×r), B (…×r×n) with the same product, column i of A and row i of B both of norm √(‖aᵢ‖‖bᵢ‖); a component with a zero side is
+    left as it is"""
     sa,sb = _geo_scales(torch.stack([A.norm(dim=-2), B.norm(dim=-1)]))
     return A*sa[...,None,:], B*sb[...,:,None]
 
 def balance_cp(factors:list[Tensor])->list[Tensor]:
-    "CP factors (each …×d×R) with the same kernel, column r of every factor of norm the geometric mean of its norms over the factors; zero columns left"
+    """CP factors (each …×d×R) with the same kernel, column r of every factor of norm the geometric mean of its norms over the factors; zero
+    columns left"""
     return [f*s[...,None,:] for f,s in zip(factors, _geo_scales(torch.stack([f.norm(dim=-2) for f in factors])))]
 
 def balance_tucker(core:Tensor,      # …×r_o×r_i×kh×kw
@@ -225,7 +242,8 @@ def balance_tucker(core:Tensor,      # …×r_o×r_i×kh×kw
                    n_iter:int=30,    # most sweeps: 5 balance a random kernel's factors to 1e-7, 13 one with a few dominant channels
                    tol:float=1e-7,   # stop once a sweep moves no scale by more than this
                   )->tuple[Tensor,Tensor,Tensor]:
-    "core, U_out, U_in of the same kernel, input component j (U_in[:,j], core[:,j]) and output component i (U_out[:,i], core[i]) of equal norms in their two factors; a factor kept whole (r = its channels) is left as it is"
+    """core, U_out, U_in of the same kernel, input component j (U_in[:,j], core[:,j]) and output component i (U_out[:,i], core[i]) of equal
+    norms in their two factors; a factor kept whole (r = its channels) is left as it is"""
     free_o,free_i = U_out.shape[-1] < U_out.shape[-2], U_in.shape[-1] < U_in.shape[-2]   # a whole factor is folded into the core: no layer
     nrm = lambda t,*d: t.square().sum(d).sqrt()
     def side(U, core, out):   # one mode's components: U's columns against the core's slices along r_o (`out`) or r_i
@@ -269,7 +287,8 @@ def linear_rank(m:int, n:int, keep:float)->int:
     return max(1, int(keep*m*n/(m+n) + 1e-9))   # 1e-9: a budget met exactly must not lose a rank to rounding
 
 def singular_values_sq(W:Tensor, exact:bool=False)->Tensor:
-    "σᵢ² of W (…×m×n), largest first, in float64: eigenvalues of the Gram of its shorter side (a fraction of an SVD's cost on wide matrices), formed in `work_dtype` or in float64 if `exact`"
+    """σᵢ² of W (…×m×n), largest first, in float64: eigenvalues of the Gram of its shorter side (a fraction of an SVD's cost on wide
+    matrices), formed in `work_dtype` or in float64 if `exact`"""
     W = W.mT if W.shape[-2] > W.shape[-1] else W
     return torch.linalg.eigvalsh(gram(W.double() if exact else W.to(work_dtype(W)))).flip(-1).clamp_min(0).double()
 

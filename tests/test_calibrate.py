@@ -1,6 +1,7 @@
 "Data-aware decomposition: exact whitened errors, conv methods against weight-only, singular Grams, data sources, bounded statistics"
 import itertools, pytest, torch, torch.nn.functional as F
 from torch import nn
+from fasterai_lr.core import *
 from fasterai_lr.factorize import *
 from fasterai_lr.layers import *
 from fasterai_lr.decompose import *

@@ -214,4 +214,4 @@ def test_sensitivity_spends_where_the_output_feels_it():
     decompose_model(net, 'svd', rank=b, quiet=True)
     r = b.report.set_index('layer')
     assert b.chosen == 'greedy, sensitivity', b.checked
-    assert r.loc['b', 'cost_after'] < r.loc['a', 'cost_after'], r[['cost', 'cost_after']]
+    assert r.loc['b', 'params_after'] < r.loc['a', 'params_after'], r[['params', 'params_after']]

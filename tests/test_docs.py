@@ -24,13 +24,13 @@ def test_terminal_shows_what_a_terminal_shows(raw, shown): assert docs.terminal(
 
 @pytest.mark.parametrize('url,nb,page,out', [
     ('https://x.io/lib/decompose.html#fc_decomposer', 'tutorials/linear.ipynb', 'tutorials/linear.html', '../decompose.html#fc_decomposer'),
-    ('https://x.io/lib/decompose.html', '02_decompose.ipynb', 'decompose.html', 'decompose.html'),
+    ('https://x.io/lib/decompose.html', '03_decompose.ipynb', 'decompose.html', 'decompose.html'),
     ('conv_methods.ipynb', 'tutorials/linear.ipynb', 'tutorials/linear.html', 'conv_methods.html'),
-    ('../02_decompose.ipynb#a', 'tutorials/linear.ipynb', 'tutorials/linear.html', '../decompose.html#a'),
+    ('../03_decompose.ipynb#a', 'tutorials/linear.ipynb', 'tutorials/linear.html', '../decompose.html#a'),
     ('tutorials/linear.ipynb', 'index.ipynb', 'index.html', 'tutorials/linear.html'),
     ('https://pytorch.org/docs', 'index.ipynb', 'index.html', 'https://pytorch.org/docs')])
 def test_links_between_pages(url, nb, page, out):
-    pages = {'index.ipynb': 'index.html', '02_decompose.ipynb': 'decompose.html', 'tutorials/linear.ipynb': 'tutorials/linear.html',
+    pages = {'index.ipynb': 'index.html', '03_decompose.ipynb': 'decompose.html', 'tutorials/linear.ipynb': 'tutorials/linear.html',
              'tutorials/conv_methods.ipynb': 'tutorials/conv_methods.html'}
     assert docs.fix_links(f'<a href="{url}">x</a>', nb, page, pages, 'https://x.io/lib') == f'<a href="{out}">x</a>', (url, nb)
 

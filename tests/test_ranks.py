@@ -1,11 +1,12 @@
 "Rank rules and budgets: totals against the budget, VBMF on known ranks and degenerate inputs, allocation optimality, search"
 import itertools, math, warnings, pytest, torch, numpy as np
 from torch import nn
+from fasterai_lr.core import *
 from fasterai_lr.factorize import tucker2, tucker2_to_tensor, svd_matrix, cp, cp_to_tensor, leading_subspace, unfold
 from fasterai_lr.decompose import Conv_Decomposer, FC_Decomposer, decompose_model, report_totals
 from fasterai_lr.ranks import *
 from fasterai_lr.evaluate import *
-from fasterai_lr.ranks import _greedy, _minmax, _fill
+from fasterai_lr.ranks import _greedy, _minmax, _spend
 
 SAMPLE = (3, 16, 16)
 
@@ -92,7 +93,7 @@ def test_auto_method_picks_each_layers_method():
     got = size(new)/size(net)
     assert abs(got - b.achieved) < 1e-9 and 0.98*0.4 <= got <= 0.4, f"got {got:.4f}, budget says {b.achieved:.4f}"
     done = rep.set_index('layer').method.dropna().to_dict()
-    assert set(done.values()) <= set(AUTO_METHODS) and all(done[n]=='svd' for n in ('6', '12') if n in done), done
+    assert set(done.values()) <= set(LAYER_METHODS[nn.Conv2d]) and all(done[n]=='svd' for n in ('6', '12') if n in done), done
     new,rep = decompose_model(net, 'auto', rank={'0': ('cp', 4), '3': ('spatial', 6), '12': ('svd', 8)}, quiet=True)
     assert rep.set_index('layer').method.dropna().to_dict()=={'0': 'cp', '3': 'spatial', '12': 'svd'}, rep[['layer', 'method', 'rank']]
 
@@ -135,7 +136,7 @@ def test_greedy_optimal_on_unit_steps(seed):
     errs = [e*rng.uniform(0.2, 5) for e in errs]
     costs = [np.arange(1., n+1) for _ in range(L)]
     for limit in range(L, L*n+1):
-        pick = _fill(costs, errs, _greedy(costs, errs, limit), limit)
+        pick = _spend(costs, errs, _greedy(costs, errs, limit), limit)
         best = min(sum(e[j] for e,j in zip(errs, js)) for js in itertools.product(range(n), repeat=L) if sum(js)+L <= limit)
         got = sum(e[j] for e,j in zip(errs, pick))
         assert sum(c[j] for c,j in zip(costs, pick)) <= limit and got <= best + 1e-12, f"seed {seed}, limit {limit}: {got} > {best}"
@@ -146,8 +147,8 @@ def test_fill_exchanges():
     errs = [np.array([0.5, 0.001, 0.]), np.array([0.005, 0.])]
     pick = _greedy(costs, errs, 135)
     assert pick == [2, 0], pick                                  # slopes sent all of A's steps first; B's step no longer fits
-    assert _fill(costs, errs, pick, 135) == [1, 1]              # error 0.005 → 0.001, cost 135
-    assert _fill(costs, errs, [2, 0], 130) == [2, 0]            # B's step cannot be paid for: the budget is left unspent
+    assert _spend(costs, errs, pick, 135) == [1, 1]              # error 0.005 → 0.001, cost 135
+    assert _spend(costs, errs, [2, 0], 130) == [2, 0]            # B's step cannot be paid for: the budget is left unspent
 
 @pytest.mark.parametrize('seed', range(4))
 def test_minmax_optimal(seed):
@@ -211,7 +212,7 @@ def test_minmax_budget_and_weights():
     heavy = Budget(params=0.4, weights={'12': 100.})   # the first Linear's errors count 100×: it keeps more
     heavy.plan(net)
     plain = Budget(params=0.4); plain.plan(net)
-    c = lambda b: b.report.set_index('layer').loc['12', 'cost_after']
+    c = lambda b: b.report.set_index('layer').loc['12', 'params_after']
     assert c(heavy) > c(plain), (c(heavy), c(plain))
 
 # --- VBMF -------------------------------------------------------------------------------------------------------------
