@@ -33,12 +33,12 @@ def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized
     opt,v = rank_option(**opts, name=name)
     return build(layer, checked_rank(layer, method, opt, v, name))
 
-def _per_layer(method:str, build, kind:type, call:str, doc:str):
-    "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): `kind` layer and one rank option in, its `method` block by `build` out"
+def _per_layer(method:str, build, kind:type|tuple, call:str, doc:str):
+    "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): a `kind` layer (class or tuple) and a rank option in, its `method` block out"
     def f(self, layer:nn.Module, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
         return _factorize(layer, method, build, kind, name, call, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     f.__name__,f.__qualname__,f.__doc__ = call.split('.')[1],call,doc
-    f.__annotations__['layer'] = kind
+    f.__annotations__['layer'] = kind if isinstance(kind, type) else ' | '.join(f'nn.{k.__name__}' for k in kind)
     return f
 
 class FC_Decomposer:
@@ -50,12 +50,12 @@ class FC_Decomposer:
 class Conv_Decomposer:
     "Decompose `nn.Conv2d` layers by Tucker-2, CP, channel SVD or spatial SVD"
     kind,methods,report = nn.Conv2d,LAYER_METHODS[nn.Conv2d],None
-    Tucker = _per_layer('tucker', conv_tucker, nn.Conv2d, 'Conv_Decomposer.Tucker',
+    Tucker = _per_layer('tucker', conv_tucker, CONV_KINDS, 'Conv_Decomposer.Tucker',
                         "1×1 → k×k → 1×1 from Tucker-2 of the channel modes (Kim et al. 2015); `rank` is (r_out, r_in) or one int for both")
-    CP = _per_layer('cp', conv_cp, nn.Conv2d, 'Conv_Decomposer.CP',
+    CP = _per_layer('cp', conv_cp, CONV_KINDS, 'Conv_Decomposer.CP',
                     "1×1 → depthwise k×1 → depthwise 1×k → 1×1 from a CP decomposition of the kernel (Lebedev et al. 2014)")
-    SVD = _per_layer('svd', conv_svd, nn.Conv2d, 'Conv_Decomposer.SVD', "k×k with `rank` filters → 1×1: channel SVD (Zhang et al. 2015)")
-    Spatial = _per_layer('spatial', conv_spatial, nn.Conv2d, 'Conv_Decomposer.Spatial',
+    SVD = _per_layer('svd', conv_svd, CONV_KINDS, 'Conv_Decomposer.SVD', "k×k with `rank` filters → 1×1: channel SVD (Zhang et al. 2015)")
+    Spatial = _per_layer('spatial', conv_spatial, CONV_KINDS, 'Conv_Decomposer.Spatial',
                          "k×1 with `rank` filters → 1×k: spatial SVD (Jaderberg et al. 2014)")
 
 # %% ../nbs/03_decompose.ipynb #c33d77e7

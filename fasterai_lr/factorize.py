@@ -6,15 +6,16 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/factorize.html.md"""
 
 # %% ../nbs/00_factorize.ipynb #763808ba
 from __future__ import annotations
-import math, torch
+import math, operator, torch
+from functools import reduce
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'kernel_dtype', 'tucker2',
+__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'as_2d', 'kernel_dtype', 'tucker2',
            'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
            'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'linear_rank',
-           'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'conv_costs',
-           'linear_costs', 'keep_rank']
+           'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'factor_chain',
+           'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -94,10 +95,14 @@ def svd_factors(W:Tensor, rank:int)->tuple[Tensor,Tensor]:
     return U*s.mT, B/s
 
 # %% ../nbs/00_factorize.ipynb #36a92e38
-def unfold(K:Tensor, mode:int)->Tensor:
-    "Mode-`mode` unfolding of the trailing 4 dims of K (…×O×I×kh×kw) counted from the first of them"
-    d = K.ndim-4+mode
-    return K.movedim(d, K.ndim-4).flatten(K.ndim-3)
+def unfold(K:Tensor, mode:int, nd:int=2)->Tensor:
+    "Mode-`mode` unfolding of the trailing `nd`+2 dims of K (…×O×I×k₁×…×k_nd) counted from the first of them"
+    d = K.ndim-nd-2+mode
+    return K.movedim(d, K.ndim-nd-2).flatten(K.ndim-nd-1)
+
+def as_2d(K:Tensor, nd:int=2)->Tensor:
+    "K (…×O×I×k₁×…×k_nd) as …×O×I×kh×kw, kh = k₁⋯k_{nd-1} and kw = k_nd: the layout of the SVD and Tucker-2 math"
+    return K if nd==2 else K.reshape(*K.shape[:-nd], math.prod(K.shape[-nd:-1]), K.shape[-1])   # (nd=1: kh = 1)
 
 def kernel_dtype(K:Tensor)->torch.dtype:
     "`work_dtype` of a kernel (…×O×I×kh×kw): that of the costlier of its two channel unfoldings"
@@ -130,23 +135,26 @@ def tucker2_to_tensor(core:Tensor, U_out:Tensor, U_in:Tensor)->Tensor:
 
 # %% ../nbs/00_factorize.ipynb #b6632686
 def cp_full_rank(shape)->int:
-    "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape` (O,I,kh,kw)"
-    return min(math.prod(shape[:i]+shape[i+1:]) for i in range(4))
+    "Rank of the exact CP that `cp_exact` builds for a kernel of trailing `shape`, all its modes (O,I,kh,kw; O,I,k; O,I,kd,kh,kw …)"
+    return min(math.prod(shape[:i]+shape[i+1:]) for i in range(len(shape)))
 
-def cp_exact(K:Tensor)->list[Tensor]:
-    "Exact CP factors [A_out, A_in, A_h, A_w] (…×d×R), R = `cp_full_rank`: indicators on all modes but the longest"
+def cp_exact(K:Tensor, nd:int=2)->list[Tensor]:
+    "Exact CP factors [A_out, A_in, A_1, …, A_nd] (…×d×R) of K (…×O×I×k₁×…×k_nd), R = `cp_full_rank`: indicators on all modes but one"
     X = K.to(work_dtype(K))
-    dims = list(X.shape[-4:])
-    keep = max(range(4), key=lambda i: dims[i])
-    idx = torch.cartesian_prod(*[torch.arange(d, device=K.device) for i,d in enumerate(dims) if i!=keep]).reshape(-1, 3)
+    dims = list(X.shape[-nd-2:])
+    keep = max(range(len(dims)), key=lambda i: dims[i])
+    idx = torch.cartesian_prod(*[torch.arange(d, device=K.device) for i,d in enumerate(dims) if i!=keep]).reshape(-1, len(dims)-1)
     others = iter(idx.unbind(-1))
-    fs = [unfold(X, i) if i==keep else torch.nn.functional.one_hot(next(others), d).mT.to(X).expand(*X.shape[:-4], d, -1)
+    fs = [unfold(X, i, nd) if i==keep else torch.nn.functional.one_hot(next(others), d).mT.to(X).expand(*X.shape[:-nd-2], d, -1)
           for i,d in enumerate(dims)]
     return fs
 
+def _letters(nd:int)->str: return 'hw' if nd==2 else 'abcdefg'[:nd]   # einsum labels of the spatial modes
+
 def cp_to_tensor(factors:list[Tensor])->Tensor:
-    "The kernel (…×O×I×kh×kw) that CP factors stand for"
-    return torch.einsum('...or,...ir,...hr,...wr->...oihw', *factors)
+    "The kernel (…×O×I×k₁×…) that CP factors [A_out, A_in, A_1, …] stand for"
+    s = _letters(len(factors)-2)
+    return torch.einsum(','.join(f'...{c}r' for c in 'oi'+s) + f'->...oi{s}', *factors)
 
 def _solve(G:Tensor, M:Tensor, ridge:float)->Tensor:
     "M (…×d×R) times (G + ridge·mean diag(G)·I)⁻¹, G (…×R×R) symmetric: one ALS update"
@@ -160,64 +168,67 @@ def _geo_scales(ns:Tensor)->Tensor:
 
 _CP_SWEEPS = 2e8  # numel·rank·sweeps (a sweep costs ~2·numel·R multiply-adds) that a CP fit may spend before cutting sweeps down to 8
 
-def _cp_start(X:Tensor, rank:int)->list[Tensor]:
+def _cp_start(X:Tensor, rank:int, nd:int)->list[Tensor]:
     "ALS's start: A_o zero (the first update sets it), the others their unfoldings' leading subspaces (seeded random columns past them)"
-    *B,O,I,kh,kw = X.shape
+    *B,O,I = X.shape[:-nd]
     g = torch.Generator(device='cpu').manual_seed(0)
     def init(i):
-        M = unfold(X, i); U = leading_subspace(M, min(rank, M.shape[-2]))
+        M = unfold(X, i, nd); U = leading_subspace(M, min(rank, M.shape[-2]))
         if rank > U.shape[-1]: U = torch.cat([U, torch.randn(*U.shape[:-1], rank-U.shape[-1], generator=g).to(U)/U.shape[-2]**0.5], -1)
         return U
-    return [X.new_zeros(*B,O,rank)] + [init(i) for i in (1,2,3)]
+    return [X.new_zeros(*B,O,rank)] + [init(i) for i in range(1, nd+2)]
 
 def _gram(f:Tensor)->Tensor: return f.mT@f
 
 def _als_sweep(Xo:Tensor, fs:list, G:list, norm2:Tensor, ridge:float, lo, hi, shape)->tuple[list,float]:
-    "One ALS sweep: the four factors `fs` updated in turn (their Grams `G` with them, in place), and the relative error after it"
-    a_o,a_i,a_h,a_w = fs
-    I,kh,kw = shape
+    "One ALS sweep of the kernel Xo (…×O×I·k₁⋯k_nd, `shape` (I, k₁, …)): every factor of `fs` updated in turn, `G` with them, in place"
+    (a_o,a_i,*sp),(I,*ks) = fs,shape
+    others = lambda i: reduce(operator.mul, G[:i]+G[i+1:])                  # the Hadamard product of all Grams but factor i's
     # two GEMMs of O·I·hw·R a sweep; every other intermediate is at most channels × hw × R
-    kr = (a_h[...,:,None,:]*a_w[...,None,:,:]).flatten(-3,-2)             # hw×R: the spatial Khatri–Rao
+    kr = reduce(lambda a,b: (a[...,:,None,:]*b[...,None,:,:]).flatten(-3,-2), sp)   # hw×R: the spatial Khatri–Rao
     Z = lo(a_i[...,:,None,:]*kr[...,None,:,:]).flatten(-3,-2)             # I·hw×R: with the input factor
-    a_o = _solve(G[1]*G[2]*G[3], hi(Xo @ Z), ridge); G[0] = _gram(a_o)
-    Q = hi(lo(a_o).mT @ Xo).unflatten(-1, (I,kh*kw))                     # K ×_o A_o, rank-major: …×R×I×hw
-    a_i = _solve(G[0]*G[2]*G[3], (Q @ kr.mT[...,None])[...,0].mT, ridge); G[1] = _gram(a_i)
-    S = (a_i.mT[...,None,:] @ Q)[...,0,:].mT.unflatten(-2, (kh,kw))        # K ×_o A_o ×_i A_i: …×kh×kw×R
-    a_h = _solve(G[0]*G[1]*G[3], torch.einsum('...hwr,...wr->...hr', S, a_w), ridge); G[2] = _gram(a_h)
-    M = torch.einsum('...hwr,...hr->...wr', S, a_h)
-    a_w = _solve(G[0]*G[1]*G[2], M, ridge); G[3] = _gram(a_w)
-    # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_w∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
-    err = ((norm2 - 2*(a_w*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
-    return [a_o,a_i,a_h,a_w], err
+    a_o = _solve(others(0), hi(Xo @ Z), ridge); G[0] = _gram(a_o)
+    Q = hi(lo(a_o).mT @ Xo).unflatten(-1, (I,kr.shape[-2]))              # K ×_o A_o, rank-major: …×R×I×hw
+    a_i = _solve(others(1), (Q @ kr.mT[...,None])[...,0].mT, ridge); G[1] = _gram(a_i)
+    S = (a_i.mT[...,None,:] @ Q)[...,0,:].mT.unflatten(-2, ks)           # K ×_o A_o ×_i A_i: …×k₁×…×k_nd×R
+    s = _letters(len(ks))
+    for j,c in enumerate(s):   # each spatial factor against S times the other spatial factors
+        M = torch.einsum(','.join([f'...{s}r', *[f'...{o}r' for o in s if o!=c]]) + f'->...{c}r', S, *sp[:j], *sp[j+1:])
+        sp[j] = _solve(others(2+j), M, ridge); G[2+j] = _gram(sp[j])
+    # ‖K-K̂‖² = ‖K‖² - 2⟨K,K̂⟩ + ‖K̂‖², with ⟨K,K̂⟩ = Σ A_nd∘M and ‖K̂‖² = Σ of the Hadamard product of all Grams
+    err = ((norm2 - 2*(sp[-1]*M).sum((-2,-1)) + math.prod(G).sum((-2,-1))).clamp_min(0)/norm2).sqrt().max().item()
+    return [a_o,a_i,*sp], err
 
-def cp(K:Tensor,                # the kernel, …×O×I×kh×kw
+def cp(K:Tensor,                # the kernel, …×O×I×k₁×…×k_nd (…×O×I×kh×kw for a Conv2d)
        rank:int|str,            # R, the number of rank-one terms, or 'full' for the exact CP (R ≥ `cp_full_rank` is exact too)
        n_iter:int|None=None,    # most sweeps; by default 30 on small kernels, down to 8 on the biggest
        tol:float=1e-4,          # stop once a sweep lowers the relative error by less than this fraction of it
        ridge:float=1e-6,        # Tikhonov term of each least-squares update, relative to its Gram's mean diagonal
        step:float=1.,           # extrapolation step along each sweep's move (0: plain ALS)
+       nd:int=2,                # spatial dims of K: one factor each
       )->list[Tensor]:
-    "CP factors [A_out, A_in, A_h, A_w] (…×d×`rank`) of K by regularised, extrapolated ALS; `rank='full'` is exact"
-    if rank=='full' or rank>=cp_full_rank(K.shape[-4:]):   # exact, and zero columns for any rank beyond
-        return [torch.nn.functional.pad(f, (0, 0 if rank=='full' else rank-f.shape[-1])) for f in cp_exact(K)]
+    "CP factors [A_out, A_in, A_1, …, A_nd] (…×d×`rank`) of K by regularised, extrapolated ALS; `rank='full'` is exact"
+    n = nd+2
+    if rank=='full' or rank>=cp_full_rank(K.shape[-n:]):   # exact, and zero columns for any rank beyond
+        return [torch.nn.functional.pad(f, (0, 0 if rank=='full' else rank-f.shape[-1])) for f in cp_exact(K, nd)]
     X = K.to(torch.float64 if K.dtype==torch.float64 or K.numel()*rank < _F64_BUDGET/20 else torch.float32)   # a sweep costs ~2·numel·R
     n_iter = n_iter or round(min(30, max(8, _CP_SWEEPS/(K.numel()*rank))))
-    a_o,a_i,a_h,a_w = fs = _cp_start(X, rank)
-    norm2,prev = X.square().flatten(-4).sum(-1), None
-    Xo = _low(X.flatten(-3)) if X.dtype==torch.float32 else X.flatten(-3)   # …×O×I·hw, in bfloat16 where native: ALS corrects
+    a_o,a_i,*sp = fs = _cp_start(X, rank, nd)
+    norm2,prev = X.square().flatten(-n).sum(-1), None
+    Xo = _low(X.flatten(1-n)) if X.dtype==torch.float32 else X.flatten(1-n)   # …×O×I·hw, in bfloat16 where native: ALS corrects
     lo,hi = lambda t: t.to(Xo.dtype), lambda t: t.to(X.dtype)               # its 2⁻⁹ each sweep, far below a truncation's error
     G = [_gram(f) for f in fs]                                              # the factors' Grams, updated with them
     for k in range(n_iter):
         if k>1 and step:   # extrapolate along the last sweep's move (not the first one's, away from a random start)
-            a_i,a_h,a_w = [f + step*(f-f0) for f,f0 in zip((a_i,a_h,a_w), start)]
-            G[1:] = [_gram(f) for f in (a_i,a_h,a_w)]
-        start = a_i,a_h,a_w
-        (a_o,a_i,a_h,a_w),err = _als_sweep(Xo, [a_o,a_i,a_h,a_w], G, norm2, ridge, lo, hi, X.shape[-3:])
+            a_i,*sp = [f + step*(f-f0) for f,f0 in zip((a_i,*sp), start)]
+            G[1:] = [_gram(f) for f in (a_i,*sp)]
+        start = a_i,*sp
+        (a_o,a_i,*sp),err = _als_sweep(Xo, [a_o,a_i,*sp], G, norm2, ridge, lo, hi, X.shape[-nd-1:])
         if prev is not None and err > prev:   # the extrapolation overshot: back to the last sweep's factors, plain ALS from there
-            (a_o,a_i,a_h,a_w),G,step = fs,list(Gs),0.
+            (a_o,a_i,*sp),G,step = fs,list(Gs),0.
             continue
         sc = _geo_scales(torch.stack([g.diagonal(dim1=-2, dim2=-1) for g in G]).sqrt())   # rebalance: equal column norms in every factor
-        a_o,a_i,a_h,a_w = fs = [f*c[...,None,:] for f,c in zip((a_o,a_i,a_h,a_w), sc)]
+        a_o,a_i,*sp = fs = [f*c[...,None,:] for f,c in zip((a_o,a_i,*sp), sc)]
         G = [g*c[...,:,None]*c[...,None,:] for g,c in zip(G, sc)]
         Gs = tuple(G)
         if prev is not None and prev-err <= tol*max(prev, 1e-12): break
@@ -276,10 +287,11 @@ def spatial_svd(K:Tensor, rank:int)->tuple[Tensor,Tensor]:
     A,B = balance(*svd_factors(svd_matrix(K, 'spatial'), rank))
     return A.mT.unflatten(-1, (I,kh))[...,None], B.unflatten(-1, (O,kw)).movedim(-3,-2)[...,None,:]
 
-def full_ranks(shape)->dict:
-    "Ranks at which each method is exact, for a kernel of trailing `shape` (O,I,kh,kw)"
-    O,I,kh,kw = shape[-4:]
-    return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,kh,kw)))
+def full_ranks(shape, nd:int=2)->dict:
+    "Ranks at which each method is exact, for a kernel of trailing `shape` (O,I,k₁,…,k_nd; O,I,kh,kw for a Conv2d)"
+    O,I,*ks = shape[-nd-2:]
+    kh,kw = math.prod(ks[:-1]),ks[-1]   # spatial SVD splits the last spatial dim from the others
+    return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,*ks)))
 
 # %% ../nbs/00_factorize.ipynb #feb91a77
 def linear_rank(m:int, n:int, keep:float)->int:
@@ -325,26 +337,45 @@ def tucker_keep_ranks(O:int, I:int, kh:int, kw:int, keep:float)->tuple[int,int]:
     return max(1, min(O, int(a*O + 1e-9))), max(1, min(I, int(a*I + 1e-9)))
 
 # %% ../nbs/00_factorize.ipynb #869541b8
-def conv_costs(method:str, rank, O:int, I:int, kh:int, kw:int, groups:int=1, hw_in=(1,1), hw_out=(1,1))->tuple[int,int]:
-    "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*"
-    (H,W),(Ho,Wo) = hw_in,hw_out
-    if method=='original': p,m = O*I*kh*kw, O*I*kh*kw*Ho*Wo
-    elif method=='svd':    p = rank*(I*kh*kw+O); m = p*Ho*Wo
-    elif method=='spatial':p,m = rank*(I*kh+O*kw), rank*(I*kh*Ho*W + O*kw*Ho*Wo)
-    elif method=='tucker':   # a factor at full rank is an invertible map: it is folded into the core, not run
+def factor_chain(method:str, rank, O:int, I:int, nd:int=2)->list[tuple]:
+    "The layers `method` at `rank` makes of a kernel with O/I channels per group and `nd` spatial dims: (in, out, axes, depthwise, present)"
+    sp = tuple(range(nd))
+    if method=='original': return [(I, O, sp, False, True)]
+    if method=='svd':      return [(I, rank, sp, False, True), (rank, O, (), False, True)]
+    if method=='spatial':
+        if nd < 2: raise ValueError("spatial SVD splits a kernel's leading spatial dims from its last one; a kernel with one spatial dim has nothing to split: its channel SVD, method 'svd', is the 1-D scheme")
+        return [(I, rank, sp[:-1], False, True), (rank, O, sp[-1:], False, True)]
+    if method=='tucker':   # a factor at full rank is an invertible map: folded into the core, not present (a bool tensor for tensor ranks)
         ro,ri = rank
-        a,b = I*ri*(ri<I), ro*O*(ro<O)
-        p,m = a + ri*ro*kh*kw + b, a*H*W + (ri*ro*kh*kw + b)*Ho*Wo
-    elif method=='cp':     p,m = rank*(I+kh+kw+O), rank*(I*H*W + kh*Ho*W + (kw+O)*Ho*Wo)
-    else: raise ValueError(f"unknown method {method!r}")
+        return [(I, ri, (), False, ri<I), (ri, ro, sp, False, True), (ro, O, (), False, ro<O)]
+    if method=='cp':       return [(I, rank, (), False, True), *[(rank, rank, (a,), True, True) for a in sp], (rank, O, (), False, True)]
+    raise ValueError(f"unknown method {method!r}")
+
+def kernel_costs(method:str, rank, O:int, I:int, ks:tuple, groups:int=1, size_in=None, size_out=None,
+                 transposed:bool=False)->tuple[int,int]:
+    "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*, kernel `ks`, size_in→size_out"
+    cur,end = tuple(size_in or (1,)*len(ks)), tuple(size_out or (1,)*len(ks))
+    p = m = 0
+    for ci,co,axes,dw,on in factor_chain(method, rank, O, I, len(ks)):
+        nxt = tuple(e if a in axes else c for a,(c,e) in enumerate(zip(cur, end)))   # a factor resizes its kernel's axes only
+        w = (1 if dw else ci)*co*math.prod(ks[a] for a in axes)*on
+        p,m,cur = p+w, m+w*math.prod(cur if transposed else nxt), nxt   # run at each output position; a transposed conv at each input
     return groups*p, groups*m
+
+def conv_costs(method:str, rank, O:int, I:int, kh:int, kw:int, groups:int=1, hw_in=(1,1), hw_out=(1,1))->tuple[int,int]:
+    "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*: `kernel_costs` in 2-D"
+    return kernel_costs(method, rank, O, I, (kh, kw), groups, hw_in, hw_out)
 
 def linear_costs(rank, m:int, n:int)->tuple[int,int]:
     "(parameters, multiply-adds per sample) of an m×n Linear (`rank=None`) or its rank-`rank` SVD"
     p = m*n if rank is None else rank*(m+n)
     return p, p
 
+def kernel_keep_rank(method:str, O:int, I:int, ks:tuple, keep:float):
+    "Largest rank of `method` whose factors hold at most `keep` of an O×I×k₁×…×k_nd kernel's parameters (at least 1)"
+    if method=='tucker': return tucker_keep_ranks(O, I, math.prod(ks), 1, keep)   # only the kernel's size counts
+    return max(1, int(math.prod(ks, start=keep*O*I) / kernel_costs(method, 1, O, I, ks)[0] + 1e-9))
+
 def keep_rank(method:str, O:int, I:int, kh:int, kw:int, keep:float):
-    "Largest rank of `method` whose factors hold at most `keep` of an O×I×kh×kw kernel's parameters (at least 1)"
-    if method=='tucker': return tucker_keep_ranks(O, I, kh, kw, keep)
-    return max(1, int(keep*O*I*kh*kw / conv_costs(method, 1, O, I, kh, kw)[0] + 1e-9))
+    "Largest rank of `method` whose factors hold at most `keep` of an O×I×kh×kw kernel's parameters (at least 1): `kernel_keep_rank`"
+    return kernel_keep_rank(method, O, I, (kh, kw), keep)

@@ -1,4 +1,4 @@
-"""Layer surgery: a `Linear` or `Conv2d` and a rank in, a block of standard layers that computes the same thing out.
+"""Layer surgery: a `Linear` or a convolution (1-, 2- or 3-D, transposed too) and a rank in, a block of standard layers that computes the same thing out.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
@@ -14,8 +14,8 @@ from .core import _is_int, _is_real, _py
 
 # %% auto #0
 __all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'checked_rank',
-           'factor_conv', 'shell', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp',
-           'builder', 'component_norms']
+           'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker',
+           'conv_cp', 'builder', 'component_norms']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -41,15 +41,16 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
     return opt, v
 
 # %% ../nbs/02_layers.ipynb #da533ca8
-def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
-    "Raise a clear error unless `layer` is a float `kind` layer with finite weights"
-    at = name or type(layer).__name__
+def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='')->None:
+    "Raise a clear error unless `layer` is a float `kind` layer (`kind`: a class or a tuple of them) with finite weights"
+    at,kinds = name or type(layer).__name__, kind if isinstance(kind, tuple) else (kind,)
     if 'quantized' in type(layer).__module__:
         raise TypeError(f"{at} is a quantized {type(layer).__name__}; decompose the float model first, then quantize it")
-    if not isinstance(layer, kind):
+    if not isinstance(layer, kinds):
         alt = "FC_Decomposer().SVD" if isinstance(layer, nn.Linear) else None
-        alt = "Conv_Decomposer()'s methods" if isinstance(layer, nn.Conv2d) else alt
-        raise TypeError(f"{call or 'this method'} takes an nn.{kind.__name__}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
+        alt = "Conv_Decomposer()'s methods" if isinstance(layer, CONV_KINDS) else alt
+        what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
+        raise TypeError(f"{call or 'this method'} takes an {what}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
     w = layer.weight
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
@@ -57,18 +58,23 @@ def check_layer(layer:nn.Module, kind:type, name:str='', call:str='')->None:
 
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
-    "The weights of `layer` as per-group kernels G×O×I×kh×kw (a Linear is one 1×1 group)"
+    "The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too)"
     w = layer.weight.detach()
-    return w[None,:,:,None,None] if isinstance(layer, nn.Linear) else w.unflatten(0, (layer.groups, -1))
+    if isinstance(layer, nn.Linear): return w[None,:,:,None,None]
+    K = w.unflatten(0, (layer.groups, -1))
+    return K.transpose(1, 2) if layer.transposed else K
 
 NOT_CP = "energy= is not defined for CP (it has no singular values); pass rank= or keep="
 
 def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
-    "The rank of `method` for kernels K (G×O×I×kh×kw) that option `opt`=`value` asks for"
-    O,I,kh,kw = K.shape[-4:]
-    full = full_ranks(K.shape)[method]
-    at = f"{name}: " if name else ''
-    if opt=='keep': return tucker_budget_ranks(K, value) if method=='tucker' else keep_rank(method, O, I, kh, kw, value)
+    "The rank of `method` for kernels K (G×O×I×k…, as `kernel` gives them) that option `opt`=`value` asks for"
+    nd,at = K.ndim-3, f"{name}: " if name else ''
+    if method=='spatial' and nd < 2:
+        raise ValueError(f"{at}spatial SVD splits a kernel's leading spatial dims from its last one, and a 1-D conv has a single one: its channel SVD is that split; "
+                         "pass method='svd' (Conv_Decomposer().SVD) instead")
+    O,I,*ks = K.shape[1:]
+    full,K = full_ranks(K.shape, nd)[method], as_2d(K, nd)   # the SVD and Tucker-2 math see a 2-D kernel
+    if opt=='keep': return tucker_budget_ranks(K, value) if method=='tucker' else kernel_keep_rank(method, O, I, ks, value)
     if opt=='percent_removed':
         return tuple(max(1, round((1-value)*f)) for f in full) if method=='tucker' else max(1, round((1-value)*full))
     if opt=='energy':
@@ -92,22 +98,27 @@ def checked_rank(layer:nn.Module, method:str, opt:str, value, name:str=''):
     K = kernel(layer)
     r = layer_rank(K, method, opt, value, name)
     if opt!='keep': return r
-    G,O,I,kh,kw = K.shape
-    cost = lambda m, r=None: conv_costs(m, r, O, I, kh, kw, G)[0]
+    G,O,I,*ks = K.shape
+    cost = lambda m, r=None: kernel_costs(m, r, O, I, ks, G)[0]
     if cost(method, r) < (p0 := cost('original')): return r
     one = (1, 1) if method=='tucker' else 1
     raise ValueError(f"{name + ': ' if name else ''}keep={value} of this {_src(layer)}: even rank {one} of {method} keeps {cost(method, one)/p0:.0%} of its parameters; "
                      "it is too small to factorize: leave it as it is, or pass rank= to force a rank")
 
 # %% ../nbs/02_layers.ipynb #d96615e2
-def factor_conv(conv:nn.Conv2d, cin:int, cout:int, axes=(0,1), groups:int|None=None, bias:bool=False)->nn.Conv2d:
-    """A Conv2d `cin`→`cout` with `conv`'s kernel, stride, padding, dilation and padding mode along `axes` (0: height, 1: width), 1×1
-    elsewhere; weights uninitialised"""
-    pick = lambda v,one: tuple(v[i] if i in axes else one for i in range(2))
+_KINDS = {(False, 1): nn.Conv1d, (False, 2): nn.Conv2d, (False, 3): nn.Conv3d,
+          (True, 1): nn.ConvTranspose1d, (True, 2): nn.ConvTranspose2d, (True, 3): nn.ConvTranspose3d}
+
+def factor_conv(conv:nn.Module, cin:int, cout:int, axes=None, groups:int|None=None, bias:bool=False)->nn.Module:
+    "A conv of `conv`'s kind `cin`→`cout` with its kernel, stride, padding, dilation, output padding on `axes` (None: all), 1 elsewhere"
+    n = len(conv.kernel_size)
+    axes = range(n) if axes is None else axes
+    pick = lambda v,one: tuple(v[i] if i in axes else one for i in range(n))
     pad = (conv.padding if axes else 0) if isinstance(conv.padding, str) else pick(conv.padding, 0)
-    return nn.utils.skip_init(nn.Conv2d, cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad, pick(conv.dilation,1),
-                              groups=groups or conv.groups, bias=bias, padding_mode=conv.padding_mode if axes else 'zeros',
-                              device=conv.weight.device, dtype=conv.weight.dtype)
+    out_pad = dict(output_padding=pick(conv.output_padding, 0)) if conv.transposed else {}
+    return nn.utils.skip_init(_KINDS[conv.transposed, n], cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad,   # uninitialised
+                              dilation=pick(conv.dilation,1), groups=groups or conv.groups, bias=bias, dtype=conv.weight.dtype,
+                              padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, **out_pad)
 
 # %% ../nbs/02_layers.ipynb #942c73fc
 def _src(layer): return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
@@ -122,24 +133,26 @@ def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
         lin = lambda i, o, bias: nn.utils.skip_init(nn.Linear, i, o, bias=bias, **kw)
         fs = [lin(layer.in_features, rank, False), lin(rank, layer.out_features, b)]
     else:
-        (G,O,I),C_in,C_out = kernel(layer).shape[:3], layer.in_channels, layer.out_channels
-        f = lambda cin, cout, axes=(0,1), groups=None, bias=False: factor_conv(layer, cin, cout, axes, groups, bias=bias)
-        if method=='svd':       fs = [f(C_in, G*rank), f(G*rank, C_out, (), bias=b)]
-        elif method=='spatial': fs = [f(C_in, G*rank, (0,)), f(G*rank, C_out, (1,), bias=b)]
-        elif method=='tucker':
-            ro,ri = rank
-            fs = [f(C_in, G*ri, ())]*(ri<I) + [f(G*ri, G*ro, bias=b and ro==O)] + [f(G*ro, C_out, (), bias=b)]*(ro<O)
-        elif method=='cp':      R = G*rank; fs = [f(C_in, R, ()), f(R, R, (0,), groups=R), f(R, R, (1,), groups=R), f(R, C_out, (), bias=b)]
-        else: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, BUILDERS))}")
+        if method not in BUILDERS: raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, BUILDERS))}")
+        G,O,I = kernel(layer).shape[:3]
+        chain = [f for f in factor_chain(method, rank, O, I, len(layer.kernel_size)) if f[-1]]   # per group
+        fs = [factor_conv(layer, G*ci, G*co, axes, G*co if dw else None, bias=b and i==len(chain)-1)     # the bias on the last layer
+              for i,(ci,co,axes,dw,_) in enumerate(chain)]
     for l in fs:
         if init: l.reset_parameters()                          # (made uninitialised: the builders overwrite every weight)
         l.requires_grad_(layer.weight.requires_grad)           # factors train if the weights they replace did
     return Factorized(*fs, method=method, rank=rank, source=_src(layer))
 
+def as_weight(layer:nn.Module, K:Tensor)->Tensor:
+    "Per-group kernels K (G×O×I×k…, or any shape holding them in that order) as `layer`'s weight: the inverse of `kernel`"
+    if not getattr(layer, 'transposed', False): return K.reshape(layer.weight.shape)
+    G = layer.groups   # a transposed conv's weight is (G·I)×O×k…
+    return K.reshape(G, layer.out_channels//G, layer.in_channels//G, *layer.kernel_size).transpose(1, 2).reshape(layer.weight.shape)
+
 def fill(block:Factorized, *weights:Tensor, bias:Tensor|None=None)->Factorized:
-    "Copy `weights` (reshaped to fit) into `block`'s layers in order, and `bias` into its last one"
+    "Copy `weights` (per-group kernels, reshaped to fit) into `block`'s layers in order, and `bias` into its last one"
     with torch.no_grad():
-        for l,w in zip(block, weights): l.weight.copy_(w.reshape(l.weight.shape))
+        for l,w in zip(block, weights): l.weight.copy_(as_weight(l, w))
         if bias is not None: block[-1].bias.copy_(bias)
     return block
 
@@ -148,26 +161,29 @@ def linear_svd(lin:nn.Linear, rank)->Factorized:
     "Two Linears, in→rank (no bias) and rank→out (the original bias), from the truncated SVD of `lin`'s weight"
     return conv_svd(lin, rank)   # a Linear is a 1×1 kernel: its channel SVD is the SVD of its weight
 
-def conv_svd(conv:nn.Conv2d, rank)->Factorized:
-    "k×k conv with `rank` filters (per group) → 1×1 conv: channel SVD (Zhang et al. 2015)"
-    return fill(shell(conv, 'svd', rank, init=False), *channel_svd(kernel(conv), rank), bias=_bias(conv))
+def _kernel_2d(layer): K = kernel(layer); return as_2d(K, K.ndim-3)   # the layout of the SVD and Tucker-2 math
 
-def conv_spatial(conv:nn.Conv2d, rank)->Factorized:
-    "kh×1 conv with `rank` filters (per group) → 1×kw conv: spatial SVD (Jaderberg et al. 2014)"
-    return fill(shell(conv, 'spatial', rank, init=False), *spatial_svd(kernel(conv), rank), bias=_bias(conv))
+def conv_svd(conv:nn.Module, rank)->Factorized:
+    "k×k conv with `rank` filters (per group) → 1×1 conv: channel SVD (Zhang et al. 2015); in any dims, transposed too"
+    return fill(shell(conv, 'svd', rank, init=False), *channel_svd(_kernel_2d(conv), rank), bias=_bias(conv))
 
-def conv_tucker(conv:nn.Conv2d, rank)->Factorized:
+def conv_spatial(conv:nn.Module, rank)->Factorized:
+    "kh×1 conv with `rank` filters (per group) → 1×kw conv: spatial SVD (Jaderberg et al. 2014); in 3-D kd×kh×1 → 1×1×kw"
+    return fill(shell(conv, 'spatial', rank, init=False), *spatial_svd(_kernel_2d(conv), rank), bias=_bias(conv))
+
+def conv_tucker(conv:nn.Module, rank)->Factorized:
     "1×1 → kh×kw → 1×1 convs from the Tucker-2 decomposition of the channel modes (Kim et al. 2015); a full-rank factor is left out"
-    (ro,ri),K = rank, kernel(conv)
+    (ro,ri),K = rank, _kernel_2d(conv)
     # a mode kept whole comes back as an identity (and stays one), the core in its original basis
     core,U_out,U_in = balance_tucker(*tucker2(K, rank))
     O,I = K.shape[1:3]
     return fill(shell(conv, 'tucker', rank, init=False), *[U_in.mT]*(ri<I), core, *[U_out]*(ro<O), bias=_bias(conv))
 
-def conv_cp(conv:nn.Conv2d, rank)->Factorized:
-    "1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 convs from the CP decomposition of the kernel (Lebedev et al. 2014)"
-    a_out,a_in,a_h,a_w = balance_cp(cp(kernel(conv), rank))
-    return fill(shell(conv, 'cp', a_out.shape[-1], init=False), a_in.mT, a_h.mT, a_w.mT, a_out, bias=_bias(conv))
+def conv_cp(conv:nn.Module, rank)->Factorized:
+    "1×1 → depthwise kh×1 → depthwise 1×kw → 1×1 convs from the CP decomposition of the kernel (Lebedev et al. 2014): a depthwise per dim"
+    K = kernel(conv)
+    a_out,a_in,*a_sp = balance_cp(cp(K, rank, nd=K.ndim-3))
+    return fill(shell(conv, 'cp', a_out.shape[-1], init=False), a_in.mT, *[a.mT for a in a_sp], a_out, bias=_bias(conv))
 
 BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_cp)   # method: the function building its block
 
@@ -180,7 +196,7 @@ def builder(layer:nn.Module, method:str):
 def component_norms(block:Factorized)->list[Tensor]:
     """Norms (factors × G × r) of each rank component in the factor layers of `block` that hold it: one stack, or one for each Tucker-2 mode
     that has a layer"""
-    w,G = [l.weight.detach() for l in block], getattr(block[-1], 'groups', 1)
+    w,G = [kernel(l).flatten(0, 1) for l in block], getattr(block[-1], 'groups', 1)   # out-channels first, transposed convs too
     first = lambda t: t.unflatten(0, (G,-1)).flatten(2).norm(dim=-1)                 # component i: filter (output channel) i
     last = lambda t: t.unflatten(0, (G,-1)).transpose(1,2).flatten(2).norm(dim=-1)   # component i: input channel i
     if block.method=='tucker': return [torch.stack([first(a), last(b)]) for a,b in zip(w, w[1:])]   # 1×1 → core, core → 1×1

@@ -96,8 +96,8 @@ case("CP-energy", conv, lambda l: cd.CP(l, energy=0.9, name=NAME), ValueError, '
 for meth in ('Tucker', 'CP', 'SVD', 'Spatial'):
     f = getattr(cd, meth)
     case(f"{meth}-on-Linear", lin, lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'use FC_Decomposer().SVD', NAME)
-    case(f"{meth}-on-Conv1d", lambda: nn.Conv1d(4, 4, 3), lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'takes an nn.Conv2d', NAME)
-    case(f"{meth}-on-ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 4, 3), lambda l, f=f: f(l, rank=2), TypeError, 'takes an nn.Conv2d', 'ConvTranspose2d')
+    case(f"{meth}-on-Embedding", lambda: nn.Embedding(10, 4), lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'takes an nn.Conv1d or nn.Conv2d', NAME)
+    case(f"{meth}-on-Bilinear", lambda: nn.Bilinear(4, 4, 3), lambda l, f=f: f(l, rank=2), TypeError, 'nn.ConvTranspose3d, but Bilinear', 'Bilinear')
     case(f"{meth}-on-quantized-Conv2d", quantized_conv, lambda l, f=f: f(l, rank=2, name=NAME), TypeError, 'quantized', NAME)
     case(f"{meth}-on-meta-device", lambda: nn.Conv2d(4, 4, 3, device='meta'), lambda l, f=f: f(l, rank=2, name=NAME), ValueError, 'meta device', NAME)
 case("FC.SVD-on-meta-device", lambda: nn.Linear(4, 4, device='meta'), lambda l: fc.SVD(l, rank=2, name=NAME), ValueError, 'meta device', NAME)
