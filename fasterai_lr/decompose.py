@@ -34,7 +34,7 @@ def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized
     return build(layer, checked_rank(layer, method, opt, v, name))
 
 def _per_layer(method:str, build, kind:type|tuple, call:str, doc:str):
-    "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): a `kind` layer (class or tuple) and a rank option in, its `method` block out"
+    "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): a `kind` layer (class or tuple) and a rank option in, its block out"
     def f(self, layer:nn.Module, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
         return _factorize(layer, method, build, kind, name, call, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     f.__name__,f.__qualname__,f.__doc__ = call.split('.')[1],call,doc

@@ -1,4 +1,4 @@
-"""Layer surgery: a `Linear` or a convolution (1-, 2- or 3-D, transposed too) and a rank in, a block of standard layers that computes the same thing out.
+"""Layer surgery: a `Linear` or a convolution (1-, 2-, 3-D, transposed) and a rank in, a block of standard layers that computes the same out.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
