@@ -4,7 +4,7 @@ import itertools, io, pytest, torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from fasterai_lr.core import EMBEDDING_KINDS, LAYER_METHODS, Factorized, FactorizedBag, layer_method
-from fasterai_lr.layers import kernel, layer_rank, checked_rank, builder, shell, embedding_svd, check_layer
+from fasterai_lr.layers import kernel, layer_rank, checked_rank, builder, shell, embedding_svd, component_norms
 from fasterai_lr.decompose import Embedding_Decomposer, FC_Decomposer, layer_costs
 
 TOL = 1e-5   # float32: the factors are computed in float64 and rounded once, the block runs a lookup and one Linear
@@ -120,11 +120,13 @@ def test_rank_options():
     assert e[r-1] >= 0.8-1e-9 and (r==1 or e[r-2] < 0.8), f"energy=0.8 gave rank {r}, energies {e.tolist()}"
     assert layer_rank(K, 'svd', 'rank', 'full') == checked_rank(nn.EmbeddingBag(24, 200), 'svd', 'rank', 'full') == 24
 
-def test_balanced():
-    "Component i has one norm in A (column i) and in B (row i), as every builder's factors"
-    blk = svd(nn.Embedding(40, 16), rank=6)
+@pytest.mark.parametrize('cls', EMBEDDING_KINDS)
+def test_balanced(cls):
+    "Component i has one norm in A (column i) and in B (row i), as every builder's factors, and `component_norms` reads them"
+    blk = svd(cls(40, 16), rank=6)
     a,b = blk[0].weight.norm(dim=0),blk[1].weight.norm(dim=0)
     assert torch.allclose(a, b, rtol=1e-4), (a, b)
+    assert torch.allclose(component_norms(blk)[0], torch.stack([a, b])[:,None], rtol=1e-6), component_norms(blk)
 
 # ---- registry: builder, shell, layer_method
 
