@@ -16,10 +16,10 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['METHODS', 'LAYER_METHODS', 'CONV_KINDS', 'HEAD_NOTE', 'Factorized', 'layer_method', 'check_number', 'placement',
-           'sample_input', 'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'under',
-           'module_paths', 'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches',
-           'output_tensors', 'flat_outputs', 'time_calls']
+__all__ = ['METHODS', 'LAYER_METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
+           'layer_method', 'check_number', 'placement', 'sample_input', 'random_batch', 'to_model', 'describe_inputs',
+           'evaluating', 'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer', 'keeps_head',
+           'select_layers', 'as_inputs', 'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -32,15 +32,23 @@ class Factorized(nn.Sequential):
     def __getitem__(self, i):   # a slice is no longer the whole factorization: a plain Sequential
         return nn.Sequential(*list(self)[i]) if isinstance(i, slice) else super().__getitem__(i)
 
+class FactorizedBag(Factorized):
+    "A `Factorized` EmbeddingBag: the bag's `offsets` and `per_sample_weights` go to its first layer, the bags through the others"
+    def forward(self, input:Tensor, offsets:Tensor|None=None, per_sample_weights:Tensor|None=None)->Tensor:
+        x = self[0](input, offsets, per_sample_weights)
+        for l in list(self)[1:]: x = l(x)
+        return x
+
 # %% ../nbs/01_core.ipynb #d53c3967
 METHODS = dict(tucker='Tucker', cp='CP', svd='SVD', spatial='Spatial')   # method: its per-layer call (the first: convolutions' default)
 LAYER_METHODS = {nn.Linear: ('svd',), nn.Conv2d: tuple(METHODS)}           # kind of layer: the methods it takes
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # what the per-layer calls take
+EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight, per layer (not in LAYER_METHODS: no model walk takes them yet)
 
 def layer_method(layer:nn.Module, method:str)->str:
-    "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear, any 1×1 conv, a 1-D conv's spatial"
+    "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear, embedding, 1×1 conv, 1-D conv's spatial"
     # nothing spatial to split in a 1×1; a 1-D conv's one spatial dim: its channel SVD is the split
-    if isinstance(layer, nn.Linear) or all(k==1 for k in layer.kernel_size): return 'svd'
+    if isinstance(layer, (nn.Linear, *EMBEDDING_KINDS)) or all(k==1 for k in layer.kernel_size): return 'svd'
     return 'svd' if method=='spatial' and len(layer.kernel_size)==1 else method
 
 # %% ../nbs/01_core.ipynb #8e01de16

@@ -1,4 +1,4 @@
-"""`FC_Decomposer` and `Conv_Decomposer`: decompose one layer, or walk a whole model, choose, replace and report.
+"""`FC_Decomposer`, `Conv_Decomposer` and `Embedding_Decomposer`: decompose one layer, or walk a whole model, choose, replace and report.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/decompose.html.md"""
 
@@ -21,9 +21,9 @@ from .layers import *
 from .layers import _src
 
 # %% auto #0
-__all__ = ['HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Conv_Decomposer', 'layer_shapes', 'layer_costs', 'layer_attrs',
-           'source_reader', 'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe',
-           'read_reason', 'move_hooks', 'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names',
+__all__ = ['HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer', 'layer_shapes', 'layer_costs',
+           'layer_attrs', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads',
+           'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names',
            'walk_args', 'selected', 'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals',
            'decompose_model']
 
@@ -46,6 +46,12 @@ class FC_Decomposer:
     kind,methods,report = nn.Linear,LAYER_METHODS[nn.Linear],None
     SVD = _per_layer('svd', linear_svd, nn.Linear, 'FC_Decomposer.SVD',
                      "`layer` as two Linears of rank `rank` (or the rank that `keep`/`percent_removed`/`energy` asks for)")
+
+class Embedding_Decomposer:
+    "Decompose `nn.Embedding`/`nn.EmbeddingBag` layers by truncated SVD of their V×d weight W ≈ A·B: Embedding(V, r) → Linear(r, d)"
+    kind,methods,report = EMBEDDING_KINDS,('svd',),None
+    SVD = _per_layer('svd', embedding_svd, EMBEDDING_KINDS, 'Embedding_Decomposer.SVD',
+                     "`layer` as an embedding of `rank` columns → Linear (or the rank that `keep`/`percent_removed`/`energy` asks for)")
 
 class Conv_Decomposer:
     "Decompose `nn.Conv2d` layers by Tucker-2, CP, channel SVD or spatial SVD"
@@ -80,9 +86,11 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     K = kernel(layer)
     G,O,I,kh,kw = K.shape
     hw_in,hw_out = (_out_hw(shapes[0]),_out_hw(shapes[1])) if shapes else ((1,1),(1,1))
-    if isinstance(layer, nn.Linear) and shapes: tokens = max(1, int(torch.tensor(shapes[1][1:-1]).prod()))
+    if isinstance(layer, (nn.Linear, *EMBEDDING_KINDS)) and shapes: tokens = max(1, int(torch.tensor(shapes[1][1:-1]).prod()))
     p,m = conv_costs(method or 'original', rank, O, I, kh, kw, G, hw_in, hw_out)
     if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
+    # an embedding (O = d) looks its rows up, no multiply-adds; its factorization's Linear costs r·d a token
+    if isinstance(layer, EMBEDDING_KINDS): m = (0 if (method or 'original')=='original' else rank*O)*tokens if shapes else None
     return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
 
 # %% ../nbs/03_decompose.ipynb #3a531dbe

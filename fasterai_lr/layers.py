@@ -1,4 +1,4 @@
-"""Layer surgery: a `Linear` or a convolution (1-, 2-, 3-D, transposed) and a rank in, a block of standard layers that computes the same out.
+"""Layer surgery: a `Linear`, a convolution (1-, 2-, 3-D, transposed) or an embedding and a rank in, a block of standard layers computing the same.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
@@ -15,7 +15,7 @@ from .core import _is_int, _is_real, _py
 # %% auto #0
 __all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'checked_rank',
            'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker',
-           'conv_cp', 'builder', 'component_norms']
+           'conv_cp', 'builder', 'check_embedding', 'embedding_shell', 'embedding_svd', 'component_norms']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -49,18 +49,22 @@ def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='')->Non
     if not isinstance(layer, kinds):
         alt = "FC_Decomposer().SVD" if isinstance(layer, nn.Linear) else None
         alt = "Conv_Decomposer()'s methods" if isinstance(layer, CONV_KINDS) else alt
+        alt = "Embedding_Decomposer().SVD" if isinstance(layer, EMBEDDING_KINDS) else alt
         what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
         raise TypeError(f"{call or 'this method'} takes an {what}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
     w = layer.weight
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
     if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
+    if isinstance(layer, EMBEDDING_KINDS): check_embedding(layer, at)   # settings a factorization cannot keep
 
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
-    "The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too)"
+    """The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too;
+    an embedding's V×d weight is the d×V Linear of a one-hot index)"""
     w = layer.weight.detach()
     if isinstance(layer, nn.Linear): return w[None,:,:,None,None]
+    if isinstance(layer, EMBEDDING_KINDS): return w.T[None,:,:,None,None]
     K = w.unflatten(0, (layer.groups, -1))
     return K.transpose(1, 2) if layer.transposed else K
 
@@ -127,6 +131,7 @@ def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
     """The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, random weights (`init`) or none
     set"""
+    if isinstance(layer, EMBEDDING_KINDS): return embedding_shell(layer, method, rank, init)
     b = layer.bias is not None
     if isinstance(layer, nn.Linear):
         kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
@@ -189,8 +194,47 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 
 
 def builder(layer:nn.Module, method:str):
-    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear)"
+    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear, `embedding_svd` for an embedding)"
+    if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
     return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
+
+# %% ../nbs/02_layers.ipynb #e3b8d0f6
+def _embedding_method(emb:nn.Module, method:str):
+    raise ValueError(f"an {type(emb).__name__} is factorized by SVD only, not {method!r}; pass method='svd' (Embedding_Decomposer().SVD)")
+
+def check_embedding(emb:nn.Module, name:str='')->None:
+    "Raise a clear error for what a factorized embedding cannot compute: `max_norm`, an EmbeddingBag's mode 'max'"
+    at = name or type(emb).__name__
+    if emb.max_norm is not None:
+        raise ValueError(f"{at} has max_norm={emb.max_norm}: it renormalizes the rows of its weight at each lookup, which a factorization cannot reproduce; "
+                         "set layer.max_norm = None first if the renormalization is not needed, or leave the layer as it is")
+    if getattr(emb, 'mode', None)=='max':
+        raise ValueError(f"{at} has mode='max': a max over each bag is not linear, so no factorization computes it; leave the layer as it is")
+
+def embedding_shell(emb:nn.Module, method:str, rank:int, init:bool=True)->Factorized:
+    """`shell` of an embedding: an embedding of `rank` columns with `emb`'s padding_idx, scale_grad_by_freq, sparse (a bag: mode,
+    include_last_offset) → Linear(rank, d, bias=False), which is dense"""
+    if method!='svd': _embedding_method(emb, method)
+    kw,bag = dict(device=emb.weight.device, dtype=emb.weight.dtype),isinstance(emb, nn.EmbeddingBag)
+    opts = dict(padding_idx=emb.padding_idx, scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse,
+                **(dict(mode=emb.mode, include_last_offset=emb.include_last_offset) if bag else {}))
+    fs = [nn.utils.skip_init(nn.EmbeddingBag if bag else nn.Embedding, emb.num_embeddings, rank, **opts, **kw),
+          nn.utils.skip_init(nn.Linear, rank, emb.embedding_dim, bias=False, **kw)]
+    for l in fs:
+        if init: l.reset_parameters()
+        l.requires_grad_(emb.weight.requires_grad)
+    return (FactorizedBag if bag else Factorized)(*fs, method='svd', rank=rank, source=_src(emb))
+
+def embedding_svd(emb:nn.Module, rank:int)->Factorized:
+    """An embedding of `rank` columns (A) → Linear(rank, d, bias=False) (B) from the truncated SVD of the V×d weight W ≈ A·B; a zero padding
+    row of W stays zero in A"""
+    check_embedding(emb)
+    W = emb.weight.detach()
+    A,B = balance(*svd_factors(W, rank))
+    p = emb.padding_idx
+    # a zero row of W is a zero row of A, except at full rank of a V ≤ d weight: e_p is then a (null) component, at rounding level
+    if p is not None and not W[p].any(): A[p] = 0
+    return fill(embedding_shell(emb, 'svd', rank, init=False), A, B.mT)
 
 # %% ../nbs/02_layers.ipynb #c4e9a7d1
 def component_norms(block:Factorized)->list[Tensor]:
