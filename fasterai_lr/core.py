@@ -16,10 +16,10 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['METHODS', 'LAYER_METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
-           'layer_method', 'check_number', 'placement', 'sample_input', 'random_batch', 'to_model', 'describe_inputs',
-           'evaluating', 'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer', 'keeps_head',
-           'select_layers', 'as_inputs', 'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
+__all__ = ['DECOMPOSED', 'METHODS', 'LAYER_METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
+           'FactorizedModule', 'layer_method', 'check_number', 'placement', 'sample_input', 'random_batch', 'to_model',
+           'describe_inputs', 'evaluating', 'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer',
+           'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -38,6 +38,15 @@ class FactorizedBag(Factorized):
         x = self[0](input, offsets, per_sample_weights)
         for l in list(self)[1:]: x = l(x)
         return x
+
+# %% ../nbs/01_core.ipynb #5b0e7c2d
+class FactorizedModule(nn.Module):
+    "Base of a block of factor layers that replaces one layer but does not run them in sequence (attention); with its `method`, `rank`"
+    method,rank,source = None,None,''
+    def extra_repr(self):
+        return f"method={self.method!r}, rank={self.rank}" + (f", source={self.source!r}" if self.source else '')
+
+DECOMPOSED = (Factorized, FactorizedModule)   # what a decomposition puts in a layer's place: a walk leaves what is inside them
 
 # %% ../nbs/01_core.ipynb #d53c3967
 METHODS = dict(tucker='Tucker', cp='CP', svd='SVD', spatial='Spatial')   # method: its per-layer call (the first: convolutions' default)

@@ -21,11 +21,11 @@ from .layers import *
 from .layers import _src
 
 # %% auto #0
-__all__ = ['HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer', 'layer_shapes', 'layer_costs',
-           'layer_attrs', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads',
-           'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names',
-           'walk_args', 'selected', 'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals',
-           'decompose_model']
+__all__ = ['HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer', 'Attention_Decomposer',
+           'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups',
+           'tied_block', 'watching_reads', 'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates',
+           'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen', 'choices', 'swap',
+           'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -63,6 +63,15 @@ class Conv_Decomposer:
     SVD = _per_layer('svd', conv_svd, CONV_KINDS, 'Conv_Decomposer.SVD', "k×k with `rank` filters → 1×1: channel SVD (Zhang et al. 2015)")
     Spatial = _per_layer('spatial', conv_spatial, CONV_KINDS, 'Conv_Decomposer.Spatial',
                          "k×1 with `rank` filters → 1×k: spatial SVD (Jaderberg et al. 2014)")
+
+class Attention_Decomposer:
+    "Decompose `nn.MultiheadAttention`: its q, k, v and output projections as low-rank factor pairs, in a `FactorizedMHA`"
+    kind,methods,report = nn.MultiheadAttention,('svd',),None
+    def SVD(self, layer:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->FactorizedMHA:
+        """`layer` with each projection two Linears of rank `rank` (one int or 'full' for all, or a dict {'q','k','v','out': rank}: those
+        left out stay whole), or the rank that `keep`/`percent_removed`/`energy` asks for of each projection"""
+        check_attention(layer, name, 'Attention_Decomposer.SVD')
+        return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name))
 
 # %% ../nbs/03_decompose.ipynb #c33d77e7
 def _out_hw(shape): return tuple(shape[-2:]) if len(shape)==4 else (1,1)

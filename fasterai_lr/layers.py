@@ -13,9 +13,11 @@ from .core import *
 from .core import _is_int, _is_real, _py
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'rank_option', 'check_layer', 'kernel', 'layer_rank', 'checked_rank',
-           'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker',
-           'conv_cp', 'builder', 'check_embedding', 'embedding_shell', 'embedding_svd', 'component_norms']
+__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'check_layer', 'kernel', 'layer_rank',
+           'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial',
+           'conv_tucker', 'conv_cp', 'builder', 'check_embedding', 'embedding_shell', 'embedding_svd',
+           'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs', 'FactorizedMHA',
+           'attention_svd']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -50,6 +52,7 @@ def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='')->Non
         alt = "FC_Decomposer().SVD" if isinstance(layer, nn.Linear) else None
         alt = "Conv_Decomposer()'s methods" if isinstance(layer, CONV_KINDS) else alt
         alt = "Embedding_Decomposer().SVD" if isinstance(layer, EMBEDDING_KINDS) else alt
+        alt = "Attention_Decomposer().SVD" if isinstance(layer, nn.MultiheadAttention) else alt
         what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
         raise TypeError(f"{call or 'this method'} takes an {what}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
     w = layer.weight
@@ -245,3 +248,138 @@ def component_norms(block:Factorized)->list[Tensor]:
     last = lambda t: t.unflatten(0, (G,-1)).transpose(1,2).flatten(2).norm(dim=-1)   # component i: input channel i
     if block.method=='tucker': return [torch.stack([first(a), last(b)]) for a,b in zip(w, w[1:])]   # 1×1 → core, core → 1×1
     return [torch.stack([*map(first, w[:-1]), last(w[-1])])]
+
+# %% ../nbs/02_layers.ipynb #7c41d0a2
+PROJECTIONS = ('q', 'k', 'v', 'out')   # an attention's projections, as `FactorizedMHA` names them (`q_proj`, ...)
+
+def _as_linear(W:Tensor, b:Tensor|None, grad:bool)->nn.Linear:
+    "A Linear holding copies of weight W (out×in) and bias b: one projection of an attention, as the builders take a layer"
+    lin = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        if b is not None: lin.bias.copy_(b)
+    return lin.requires_grad_(grad)
+
+def projections(mha:nn.MultiheadAttention)->dict:
+    "{'q','k','v','out': a Linear copy} of `mha`'s projections: its packed `in_proj_weight` split in three, or its q/k/v_proj_weight"
+    same,b = mha._qkv_same_embed_dim,mha.in_proj_bias
+    ws = [mha.in_proj_weight]*3 if same else [getattr(mha, f'{p}_proj_weight') for p in 'qkv']   # (whose requires_grad each copy takes)
+    Ws = mha.in_proj_weight.detach().chunk(3) if same else [w.detach() for w in ws]
+    bs = [None]*3 if b is None else b.detach().chunk(3)
+    lins = {p: _as_linear(W, c, w.requires_grad) for p,W,c,w in zip('qkv', Ws, bs, ws)}
+    return {**lins, 'out': _as_linear(mha.out_proj.weight.detach(), _bias(mha.out_proj), mha.out_proj.weight.requires_grad)}
+
+def check_attention(mha:nn.Module, name:str='', call:str='')->None:
+    "Raise a clear error unless `mha` is a float `nn.MultiheadAttention` with finite weights that `FactorizedMHA` computes exactly"
+    at = name or type(mha).__name__
+    if not isinstance(mha, nn.MultiheadAttention): check_layer(mha, nn.MultiheadAttention, name, call)   # (its error names the right call)
+    if type(mha).forward is not nn.MultiheadAttention.forward:
+        raise TypeError(f"{at} is a {type(mha).__name__}, with its own forward; decompose the float nn.MultiheadAttention it was made from")
+    # both add key/value positions after the projections, which FactorizedMHA's forward does not: refuse, rather than compute something else
+    if mha.bias_k is not None: raise ValueError(f"{at} was built with add_bias_kv=True (a learned bias row appended to the keys and values), "
+                                                 "which FactorizedMHA does not compute; leave this attention as it is")
+    if mha.add_zero_attn: raise ValueError(f"{at} was built with add_zero_attn=True (a zero key and value appended), "
+                                           "which FactorizedMHA does not compute; leave this attention as it is")
+    for k,w in mha.named_parameters():
+        if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights ({k}); decompose the float model (before quantization)")
+        if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
+        if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights ({k}); fix or retrain the layer before decomposing it")
+
+# %% ../nbs/02_layers.ipynb #9e5f13b4
+def attention_ranks(mha:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->dict:
+    """{projection: rank} that the rank option asks for of each projection of `mha`: `rank` one for all (an int or 'full') or a dict
+    {'q','k','v','out': rank} (those left out stay whole); `keep`: of each projection's parameters, so of all of them"""
+    lins,at = projections(mha),lambda p: f"{name or 'attention'}.{p}_proj"
+    if not isinstance(rank, dict):
+        opt,v = rank_option(rank, keep, percent_removed, energy, name)
+        return {p: checked_rank(l, 'svd', opt, v, at(p)) for p,l in lins.items()}
+    if others := [f'{k}=' for k,v in zip(RANK_OPTIONS[1:], (keep, percent_removed, energy)) if v is not None]:
+        raise ValueError(f"{name + ': ' if name else ''}got rank= and {others[0]} at once; pass only one of rank=, keep=, percent_removed=, energy=")
+    if not rank or set(rank) - set(PROJECTIONS):
+        raise ValueError(f"rank={rank!r}: a dict of ranks takes some of the keys {', '.join(map(repr, PROJECTIONS))} (those left out stay whole)")
+    return {p: checked_rank(lins[p], 'svd', *rank_option(rank=r, name=at(p)), at(p)) for p,r in rank.items()}
+
+def attention_costs(embed_dim:int, kdim:int|None=None, vdim:int|None=None, ranks:dict|None=None, L:int=1, S:int|None=None)->tuple[int,int]:
+    """(projection weights, multiply-adds for L queries over S keys) of an attention, or of its factorization at `ranks` ({projection:
+    rank}; those left out whole)"""
+    d,S = embed_dim,L if S is None else S
+    ins = dict(q=d, k=kdim or d, v=vdim or d, out=d)
+    w = {p: ranks[p]*(i+d) if p in (ranks or {}) else i*d for p,i in ins.items()}   # r(d_in + d_out), or d_in·d_out
+    return sum(w.values()), L*(w['q']+w['out']) + S*(w['k']+w['v']) + 2*L*S*d       # projections per token; QKᵀ and AV
+
+# %% ../nbs/02_layers.ipynb #3d8a6e91
+NESTED = ("FactorizedMHA holds no packed in_proj_weight (its projections are factor layers: q_proj, k_proj, v_proj) and takes no nested "
+          "tensors: an nn.TransformerEncoder built with the original attention reads the one and makes the other on its fast path "
+          "(use_nested_tensor, set when it was built; eval mode with a src_key_padding_mask); set encoder.use_nested_tensor = False after the swap")
+
+def _additive(mask:Tensor|None, dtype, what:str)->Tensor|None:
+    "A bool (True: not attended) or float (added to the logits) `mask` as the float mask added to the attention logits"
+    if mask is None or mask.is_floating_point(): return mask
+    if mask.dtype!=torch.bool: raise TypeError(f"{what} is {mask.dtype}; pass a bool mask (True: not attended) or a float one (added to the logits)")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float('-inf'))
+
+class FactorizedMHA(FactorizedModule):
+    "`nn.MultiheadAttention`'s forward with its q, k, v and output projections as modules: `Factorized` factor pairs, or Linears kept whole"
+    # what code that inspects an attention reads: no packed weights, so nn.TransformerEncoderLayer's fast path (which uses them) is off
+    in_proj_bias = q_proj_weight = k_proj_weight = v_proj_weight = bias_k = bias_v = None
+    add_zero_attn,_qkv_same_embed_dim = False,False
+    def __init__(self, mha:nn.MultiheadAttention, projs:dict):
+        super().__init__()
+        self.q_proj,self.k_proj,self.v_proj,self.out_proj = (projs[p] for p in PROJECTIONS)
+        for k in ('embed_dim','kdim','vdim','num_heads','head_dim','dropout','batch_first'): setattr(self, k, getattr(mha, k))
+        self.method,self.rank = 'svd',{p: m.rank for p,m in projs.items() if isinstance(m, Factorized)}
+        kv = f", kdim={self.kdim}, vdim={self.vdim}" if (self.kdim, self.vdim)!=(self.embed_dim,)*2 else ''
+        self.source = f"MultiheadAttention({self.embed_dim}, {self.num_heads}{kv})"
+        self.train(mha.training)
+
+    def __getattr__(self, k):   # (`getattr(m, 'in_proj_weight', None)` is None; a direct read, e.g. by a TransformerEncoder, a clear error)
+        if k=='in_proj_weight': raise AttributeError(NESTED)
+        return super().__getattr__(k)
+
+    def _heads(self, proj:nn.Module, x:Tensor, batched:bool)->Tensor:
+        "`x` in the attention's layout projected by `proj` and split in heads: N×H×L×head_dim"
+        x = x.transpose(0, 1) if batched and not self.batch_first else x if batched else x[None]
+        return proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _mask(self, attn_mask, key_padding_mask, q:Tensor, S:int)->Tensor|None:
+        "The float mask (broadcasting to N×H×L×S) of `attn_mask` (L×S or N·H×L×S) and `key_padding_mask` (N×S, or S unbatched)"
+        N,H,L = q.shape[:3]
+        m,kp = _additive(attn_mask, q.dtype, 'attn_mask'),_additive(key_padding_mask, q.dtype, 'key_padding_mask')
+        if m is not None:
+            if tuple(m.shape) not in ((L, S), (N*H, L, S)): raise ValueError(f"attn_mask of shape {tuple(m.shape)}: pass one of {(L, S)} or {(N*H, L, S)} (batch·heads, L, S)")
+            m = m.view(-1 if m.ndim==3 else 1, H if m.ndim==3 else 1, L, S)
+        if kp is not None:
+            if tuple(kp.shape) not in [(N, S), *[(S,)]*(N==1)]: raise ValueError(f"key_padding_mask of shape {tuple(kp.shape)}: pass one of shape {(N, S)} (batch, S), or {(S,)} unbatched")
+            kp = kp.reshape(N, 1, 1, S)
+            m = kp if m is None else m + kp
+        return m
+
+    def _weighted(self, q:Tensor, k:Tensor, v:Tensor, mask:Tensor|None)->tuple[Tensor,Tensor]:
+        "Attention with its weights (N×H×L×S), by an explicit softmax, as nn.MultiheadAttention computes it when they are asked for"
+        a = (q*self.head_dim**-0.5) @ k.transpose(-2, -1)
+        w = (a if mask is None else a + mask).softmax(-1)
+        if self.training and self.dropout > 0: w = nn.functional.dropout(w, self.dropout)
+        return w @ v, w
+
+    def forward(self, query:Tensor, key:Tensor, value:Tensor, key_padding_mask:Tensor|None=None, need_weights:bool=True,
+                attn_mask:Tensor|None=None, average_attn_weights:bool=True, is_causal:bool=False)->tuple[Tensor,Tensor|None]:
+        "What `nn.MultiheadAttention` returns: (output, the weights or None), in its layout (`batch_first`, or unbatched L×E inputs)"
+        if query.is_nested or key.is_nested or value.is_nested: raise ValueError(NESTED)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("is_causal=True needs the causal attn_mask too, as nn.MultiheadAttention does; pass e.g. "
+                               "attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
+        batched = query.dim()==3
+        q,k,v = (self._heads(p, x, batched) for p,x in zip((self.q_proj, self.k_proj, self.v_proj), (query, key, value)))
+        causal = is_causal and key_padding_mask is None and not need_weights   # the hint stands for the mask: SDPA's own causal kernel
+        mask = None if causal else self._mask(attn_mask, key_padding_mask, q, k.shape[2])
+        if need_weights: o,w = self._weighted(q, k, v, mask)
+        else: o,w = nn.functional.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0., causal),None
+        y = self.out_proj(o.transpose(1, 2).flatten(2))
+        if w is not None and average_attn_weights: w = w.mean(1)
+        if not batched: return y[0], None if w is None else w[0]
+        return y.transpose(0, 1) if not self.batch_first else y, w
+
+# %% ../nbs/02_layers.ipynb #e2b7f0c9
+def attention_svd(mha:nn.MultiheadAttention, ranks:dict)->FactorizedMHA:
+    "`mha` as a `FactorizedMHA`: each projection in `ranks` ({'q','k','v','out': rank}) two Linears of its truncated SVD, the others whole"
+    return FactorizedMHA(mha, {p: linear_svd(l, ranks[p]) if p in ranks else l for p,l in projections(mha).items()})
