@@ -31,7 +31,7 @@ def model_costs(model:nn.Module, x:Tensor|None=None)->tuple[int,int|None]:
 
 # %% ../nbs/06_callback.ipynb #78cf0148
 def dense_layers(model:nn.Module, layers=None, exclude=None, head:bool=False)->dict:
-    """{kind: names} of the `nn.Linear` and `nn.Conv2d` layers (and other convs, where the model has some left) of `model` left to decompose:
+    """{kind: names} of the `nn.Linear` and `nn.Conv2d` layers (and other convs, where the model has some) of `model` left to decompose:
     in `layers` (all if None), not in `exclude`, not in a `Factorized` block, factorizable, not the output layer unless `head`"""
     sel = select_layers(model, tuple(LAYER_METHODS), layers, exclude, skip=skip_reason, head=head)
     names = {kind: [n for n,m in sel if layer_kind(m) is kind] for kind in LAYER_METHODS}

@@ -167,9 +167,11 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3
 def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
-    "`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code"
+    """`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code; or (None, what) a call that passes
+    more than the input (a transposed conv's `output_size`)"""
     class Watched(cls):
         def forward(self, *args, **kw):
+            if len(args) > 1 or kw: seen.setdefault(name, (None, ', '.join(f'{k}=' for k in kw) or 'a second argument'))
             self.__dict__['_own'] = True
             try: return super().forward(*args, **kw)
             finally: self.__dict__['_own'] = False
@@ -204,8 +206,16 @@ def probe(model:nn.Module, sample=None, calib=None)->bool:
     return True
 
 def read_reason(name:str, layer:nn.Module, mods:dict, reads:dict, probed:bool)->str|None:
-    "Why `layer` must stay because its parents read it: from `reads` of a forward pass when `probed`, else from their source"
-    if probed: return None if name not in reads else f"its {reads[name][0]} is read outside its forward, by {reads[name][1]} (seen in a forward pass)"
+    """Why `layer` must stay because its parents read it or call it with more than its input: from `reads` of a forward pass when
+    `probed`, else from their source"""
+    if probed:
+        if name not in reads: return None
+        k,by = reads[name]
+        if k is None: return f"called with {by} (seen in a forward pass), which its block does not take: a block takes the input alone"
+        return f"its {k} is read outside its forward, by {by} (seen in a forward pass)"
+    parent = mods.get(name.rpartition('.')[0])
+    if getattr(layer, 'transposed', False) and parent is not None and any('output_size' in src for _,src in _sources(type(parent), False)):
+        return "its parent may call it with output_size=, which its block does not take (pass sample= to check by running the model)"
     if by := source_reader(name, layer, mods, only_forward=False):
         return f"its weights or settings may be read outside its forward: {by} names them (pass sample= to check by running the model)"
 
@@ -506,8 +516,8 @@ def report_totals(report:pd.DataFrame)->dict:
 
 def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:bool=False, calib=None, head:bool=False,
                     **opts)->tuple[nn.Module,pd.DataFrame]:
-    """Decompose every convolution of `model` (1-, 2-, 3-D, transposed too) by `method` and every Linear by SVD, in one walk (in forward order
-    for sequential calibration): the new model and its report"""
+    """Decompose every convolution of `model` (1-, 2-, 3-D, transposed too) by `method` and every Linear by SVD, in one walk (in forward
+    order for sequential calibration): the new model and its report"""
     _check_model(model, 'decompose_model')
     mods = dict(model.named_modules())
     layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')

@@ -136,7 +136,7 @@ def test_budget_macs():
 
 @pytest.mark.parametrize('name', ['series', 'unet', 'volume'])
 def test_calibrated_exact_and_better(name):
-    "Data-aware factors (transposed convs too, sequential or not): exact at rank='full', and nearer the outputs than weight-only at keep=0.3"
+    "Data-aware factors (transposed convs too, sequential or not): exact at rank='full', nearer the outputs than weight-only at keep=0.3"
     net,xs = model(name), [batch(name, 8, seed=s) for s in range(3)]
     x = torch.cat(xs)
     for seq in (False, True):
@@ -171,13 +171,16 @@ def mac_timer(mods, x):
     return [1e-9*(layer_macs(m.eval(), x) + 1000) for m in mods]
 
 def test_latency_on_1d():
-    "LatencyAware and LatencyBudget plan a Conv1d model; layer_key tells kinds and output padding apart"
+    "LatencyAware and LatencyBudget plan a Conv1d model, LatencyAware a Conv3d one; layer_key tells kinds and output padding apart"
     net,x = model('series'), batch('series', n=1)
     new,rep = decompose_model(net, rank=LatencyAware(keep=0.5, timer=mac_timer, methods=('tucker','svd','spatial')), sample=x, quiet=True)
     assert report_totals(rep)['decomposed'] and torch.isfinite(new(x)).all()
     lb = LatencyBudget(keep=0.7, timer=mac_timer, round_to=1)
     new,rep = decompose_model(net, 'auto', rank=lb, sample=x, quiet=True)
     assert lb.achieved <= 0.7 and report_totals(rep)['decomposed'], lb.report
+    net,x = model('video'), batch('video', n=1)   # channels_last (the timer's default) is for 4-d weights: a Conv3d's stay as they are
+    new,rep = decompose_model(net, rank=LatencyAware(keep=0.5, timer=mac_timer), sample=x, quiet=True)
+    assert report_totals(rep)['decomposed'] and torch.isfinite(new(x)).all()
     keys = {layer_key(k(4, 4, 3)) for k in CONV_KINDS} | {layer_key(nn.ConvTranspose2d(4, 4, 3, stride=2, output_padding=1))}
     assert len(keys) == len(CONV_KINDS) + 1
 
@@ -232,3 +235,20 @@ def test_callback_1d():
     assert cb.totals['decomposed'].iloc[0] == 3 and any(isinstance(m, Factorized) for m in learn.model.modules()), cb.report
     losses = [v for v in learn.recorder.values[-1][:2]]
     assert all(math.isfinite(v) for v in losses), losses
+
+class SizedUp(nn.Module):
+    "A decoder that calls its ConvTranspose2d with output_size=, which a block (a Sequential) cannot take"
+    def __init__(self):
+        super().__init__()
+        self.down,self.up = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1)
+        self.out = nn.Conv2d(8, 8, 1)
+    def forward(self, x): return self.out(self.up(self.down(x), output_size=x.shape[-2:]))
+
+@pytest.mark.parametrize('probe', [True, False])
+def test_output_size_call_stays(probe):
+    "A transposed conv called with output_size= stays, seen in the forward pass (sample=) or in its parent's source; the rest decomposes"
+    net,x = SizedUp().eval(), torch.randn(2, 8, 9, 9)
+    new,rep = decompose_model(net, rank='full', sample=x if probe else None, quiet=True)
+    note = rep.set_index('layer').note['up']
+    assert 'output_size=' in note and type(new.up) is nn.ConvTranspose2d and isinstance(new.down, Factorized), rep
+    assert rel(new(x), net(x)) <= TOL
