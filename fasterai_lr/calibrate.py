@@ -12,6 +12,7 @@ from fastcore.basics import store_attr, patch
 from .factorize import *
 from .core import *
 from .layers import *
+from .layers import _kernel_2d
 from .decompose import Calibrator
 
 # %% auto #0
@@ -92,9 +93,11 @@ def spatial_svd_data(K:Tensor, G:Tensor, rank:int, damp:float=0., W:Tensor|None=
     H = refit_last(W, G, torch.kron(V, torch.eye(kw, dtype=V.dtype, device=V.device)), damp)
     return V.mT.unflatten(-1, (I,kh))[...,None], H.unflatten(-1, (rank,kw))[...,None,:]
 
-def cp_front(a_in:Tensor, a_h:Tensor, a_w:Tensor)->Tensor:
-    "The R rank-one filters (…×I·kh·kw×R) that CP's first three factors apply to a patch"
-    return torch.einsum('...cr,...ir,...jr->...cijr', a_in.double(), a_h.double(), a_w.double()).flatten(-4,-2)
+def cp_front(a_in:Tensor, *a_sp:Tensor)->Tensor:
+    "The R rank-one filters (…×I·k₁⋯k_nd×R) that CP's input factor and spatial factors (a_h, a_w in 2-D) apply to a patch"
+    s = 'abcdefgh'[:len(a_sp)]
+    fs = [f.double() for f in (a_in, *a_sp)]
+    return torch.einsum(','.join(f'...{c}r' for c in 'i'+s) + f'->...i{s}r', *fs).flatten(-len(fs)-1, -2)
 
 def tucker2_data(K:Tensor, C_in:Tensor, C_out:Tensor, ranks:tuple[int,int], damp:float=0.)->tuple[Tensor,Tensor,Tensor]:
     "core (…×r_o×r_i×kh×kw), U_out (…×O×r_o), first (…×r_i×I): Tucker-2 fitted to the outputs, from the input-channel and output Grams"
@@ -108,38 +111,64 @@ def tucker2_data(K:Tensor, C_in:Tensor, C_out:Tensor, ranks:tuple[int,int], damp
     return torch.einsum('...rihw,...is->...rshw', QK, S@V), Q, V.mT@Si
 
 # %% ../nbs/05_calibrate.ipynb #50f12e43
-def _pads(conv:nn.Conv2d)->tuple[int,int,int,int]:
-    "(left, right, top, bottom) padding that `conv` applies, 'same' and 'valid' included"
-    p,k,d = conv.padding, conv.kernel_size, conv.dilation
-    if p=='valid': return (0,0,0,0)
-    if p=='same': t = [d[i]*(k[i]-1) for i in (0,1)]; return (t[1]//2, t[1]-t[1]//2, t[0]//2, t[0]-t[0]//2)
-    return (p[1], p[1], p[0], p[0])
+def _pads(conv:nn.Module)->list[tuple[int,int]]:
+    """(before, after) padding per spatial dim of the input `conv` reads its patches from, 'same' and 'valid' included; a transposed conv's
+    on its zero-upsampled input (negative: cropped)"""
+    k,d,p,nd = conv.kernel_size, conv.dilation, conv.padding, len(conv.kernel_size)
+    if conv.transposed: return [(d[i]*(k[i]-1)-p[i], d[i]*(k[i]-1)-p[i]+conv.output_padding[i]) for i in range(nd)]
+    if p=='valid': return [(0,0)]*nd
+    if p=='same': return [(t//2, t-t//2) for t in (d[i]*(k[i]-1) for i in range(nd))]
+    return [(p[i], p[i]) for i in range(nd)]
 
-def patch_rows(x:Tensor, conv:nn.Conv2d|None=None, groups:int=1, idx:Tensor|None=None)->Tensor:
-    """Rows (…, G, n) that `conv` reads from `x` (N×C×H×W): im2col patches padded the conv's way; 1×1 positions without `conv`; rows `idx`
-    or all"""
-    if conv is None: k,s,d,pads,mode = (1,1),(1,1),(1,1),(0,0,0,0),'zeros'
-    else: k,s,d,pads,mode,groups = conv.kernel_size, conv.stride, conv.dilation, _pads(conv), conv.padding_mode, conv.groups
-    if any(pads): x = F.pad(x, pads, mode='constant' if mode=='zeros' else mode)
-    N,C,H,W = x.shape
-    Ho,Wo = (H-d[0]*(k[0]-1)-1)//s[0]+1, (W-d[1]*(k[1]-1)-1)//s[1]+1
-    if idx is None: idx = torch.arange(N*Ho*Wo, device=x.device)
-    n,l = idx.div(Ho*Wo, rounding_mode='floor'), idx % (Ho*Wo)
-    hs = (l.div(Wo, rounding_mode='floor')*s[0])[:,None] + torch.arange(k[0], device=x.device)*d[0]
-    ws = ((l % Wo)*s[1])[:,None] + torch.arange(k[1], device=x.device)*d[1]
-    rows = x[n[:,None,None,None], torch.arange(C, device=x.device)[:,None,None], hs[:,None,:,None], ws[:,None,None,:]]
-    return rows.reshape(len(idx), groups, -1)
+def _read_input(x:Tensor, conv:nn.Module)->tuple[Tensor,tuple]:
+    """The input (N×C×…) that `conv` reads patches of, and its strides: `x` padded the conv's way; a transposed conv's `x` with stride−1
+    zeros between its entries first (a transposed conv is a conv of that, stride 1, with the kernel flipped)"""
+    s = conv.stride
+    if conv.transposed:
+        if any(v > 1 for v in s):
+            up = x.new_zeros(*x.shape[:2], *[(n-1)*v+1 for n,v in zip(x.shape[2:], s)])
+            up[(..., *[slice(None, None, v) for v in s])] = x
+            x = up
+        s = (1,)*len(s)
+    pads = [q for lh in reversed(_pads(conv)) for q in lh]   # F.pad: the last dim first
+    if any(pads): x = F.pad(x, pads, mode='constant' if conv.padding_mode=='zeros' else conv.padding_mode)
+    return x, s
 
-def n_rows(x:Tensor, conv:nn.Conv2d|None=None)->int:
+def _out_sizes(sizes, conv:nn.Module, s)->list[int]:
+    k,d = conv.kernel_size, conv.dilation
+    return [(n-d[i]*(k[i]-1)-1)//s[i]+1 for i,n in enumerate(sizes)]
+
+def patch_rows(x:Tensor, conv:nn.Module|None=None, groups:int=1, idx:Tensor|None=None)->Tensor:
+    """Rows (…, G, n) that `conv` (any dims, transposed too) reads from `x` (N×C×…): im2col patches padded the conv's way, in its kernel's
+    order (`kernel`); 1×1 positions without `conv`; rows `idx` or all"""
+    if conv is None:
+        rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+        return (rows if idx is None else rows[idx]).reshape(-1, groups, x.shape[1]//groups)
+    x,s = _read_input(x, conv)
+    (N,C,*sz),k,d,nd = x.shape, conv.kernel_size, conv.dilation, len(conv.kernel_size)
+    out = _out_sizes(sz, conv, s)
+    if idx is None: idx = torch.arange(N*math.prod(out), device=x.device)
+    n,*pos = torch.unravel_index(idx, (N, *out))
+    at = lambda i, t: t.view(-1, *[1]*(i+1), t.shape[-1], *[1]*(nd-1-i))   # (rows, 1, …, k_i, …, 1): broadcast over C and other dims
+    offs = [torch.arange(k[i], device=x.device)*d[i] for i in range(nd)]
+    offs = [o.flip(0) if conv.transposed else o for o in offs]              # the flipped kernel's taps, in the kernel's order
+    ix = [at(i, pos[i][:,None]*s[i] + offs[i]) for i in range(nd)]
+    rows = x[n.view(-1, *[1]*(nd+1)), torch.arange(C, device=x.device).view(1, C, *[1]*nd), *ix]
+    return rows.reshape(len(idx), conv.groups, -1)
+
+def n_rows(x:Tensor, conv:nn.Module|None=None)->int:
     "How many rows `patch_rows` gives for all positions"
-    if conv is None: return x.shape[0]*x.shape[2]*x.shape[3]
-    (l,r,t,b),k,s,d = _pads(conv), conv.kernel_size, conv.stride, conv.dilation
-    return x.shape[0]*((x.shape[2]+t+b-d[0]*(k[0]-1)-1)//s[0]+1)*((x.shape[3]+l+r-d[1]*(k[1]-1)-1)//s[1]+1)
+    if conv is None: return x.shape[0]*math.prod(x.shape[2:])
+    up = [(n-1)*v+1 for n,v in zip(x.shape[2:], conv.stride)] if conv.transposed else list(x.shape[2:])
+    s = (1,)*len(up) if conv.transposed else conv.stride
+    return x.shape[0]*math.prod(_out_sizes([n+a+b for n,(a,b) in zip(up, _pads(conv))], conv, s))
 
 # %% ../nbs/05_calibrate.ipynb #28a1e712
 def stat_kind(layer:nn.Module, method:str)->str:
     "'patch' (Gram of the im2col rows) or 'chan' (input-channel and output Grams) for `layer` decomposed by `method`"
-    return 'chan' if isinstance(layer, nn.Conv2d) and layer.kernel_size!=(1,1) and method=='tucker' else 'patch'
+    return 'chan' if isinstance(layer, CONV_KINDS) and any(k > 1 for k in layer.kernel_size) and method=='tucker' else 'patch'
+
+def _width(layer:nn.Module)->int: return kernel(layer)[0,0].numel()   # a patch row of one group: I·k₁⋯k_nd (transposed convs too)
 
 class Stats:
     "Float64 Grams of one layer's inputs (and outputs), summed over batches: fixed size, whatever the data"
@@ -180,7 +209,7 @@ class Stats:
             conv = None if lin else self.layer
             total = x[...,0].numel() if lin else n_rows(x, conv)
             idx,w = self._idx(total, x.device, batch)
-            width = self.layer.weight[0].numel()*getattr(self.layer, 'groups', 1)
+            width = _width(self.layer)*getattr(self.layer, 'groups', 1)
             for i in idx.split(max(1, 2**22//width)):                  # at most 4M values (32 MiB in float64) per chunk
                 r = self._rows(x, conv, i)
                 self.G = self._add(self.G, r, r, w)
@@ -189,7 +218,7 @@ class Stats:
         else:
             G = self.layer.groups
             for v,attr in ((x,'Cin'), (y if y_ref is None else y_ref, 'Cout')):
-                if attr=='Cout' and self.layer.bias is not None: v = v - self.layer.bias[:,None,None]
+                if attr=='Cout' and self.layer.bias is not None: v = v - self.layer.bias.view(-1, *[1]*(v.ndim-2))
                 idx,w = self._idx(n_rows(v), v.device, batch)
                 r = patch_rows(v, None, G, idx)
                 setattr(self, attr, self._add(getattr(self, attr), r, r, w))
@@ -200,7 +229,7 @@ class Stats:
         g = getattr(self.layer, 'groups', 1)
         I,O = self.layer.in_channels//g, self.layer.out_channels//g
         if self.kind=='chan': return dict(Cin=(g, I, I), Cout=(g, O, O))
-        n = self.layer.weight[0].numel()
+        n = _width(self.layer)
         return dict(G=(g, n, n), **(dict(C=(g, n, n)) if paired else {}))
 
     def all_reduce(self, paired:bool=False)->Stats:
@@ -314,7 +343,7 @@ class Calibration(Calibrator):
 
 # %% ../nbs/05_calibrate.ipynb #4c798092
 def _set(layer:nn.Module, w:Tensor):
-    with torch.no_grad(): layer.weight.copy_(w.reshape(layer.weight.shape))
+    with torch.no_grad(): layer.weight.copy_(as_weight(layer, w))   # (a transposed factor: its weight in-channels first)
 
 def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
     "`blk`'s Tucker-2 factors fitted to the channel statistics of `st`"
@@ -331,7 +360,7 @@ def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
 def _fit_block(blk:Factorized, layer:nn.Module, st:Stats, damp:float)->Factorized:
     """Replace the factors of the weight-only block `blk` of `layer` by data-aware ones from the statistics `st`, their scales balanced as
     the weight-only builders' are"""
-    K = kernel(layer).double()
+    K = _kernel_2d(layer).double()   # the 2-D layout (n-D kernels too): a patch row is its I·kh·kw columns
     if blk.method=='tucker': return _fit_tucker(blk, K, st, damp)
     W = st.cached('W', lambda: data_target(K.flatten(-3), st.G, st.C, damp))
     Gl = lambda: st.cached('Gl', lambda: (lambda S: S@S.mT)(st.cached('S', lambda: gram_sqrt(st.G, damp)[0])))
@@ -348,8 +377,8 @@ def _fit_block(blk:Factorized, layer:nn.Module, st:Stats, damp:float)->Factorize
         A,B = balance(H.mT.flatten(-3,-2), V.mT)                  # (…×O·kw×r): H's component i as one column
         for l,w in zip(blk, (B, A.unflatten(-2, (O, kw)).mT)): _set(l, w)
     elif blk.method=='cp':
-        a_in,a_h,a_w = [l.weight.detach().double().reshape(layer.groups, blk.rank, -1).mT for l in list(blk)[:3]]
-        fs = balance_cp([refit_last(W, st.G, cp_front(a_in, a_h, a_w), damp, Gl()), a_in, a_h, a_w])
+        a_in,*a_sp = [kernel(l).double().reshape(layer.groups, blk.rank, -1).mT for l in list(blk)[:-1]]   # one depthwise a spatial dim
+        fs = balance_cp([refit_last(W, st.G, cp_front(a_in, *a_sp), damp, Gl()), a_in, *a_sp])
         for l,w in zip(blk, [f.mT for f in fs[1:]] + fs[:1]): _set(l, w)
     return blk
 
@@ -376,7 +405,7 @@ def errors(self:Calibration, name:str)->Tensor:
     "Relative output error of layer `name` on the calibration data at each rank r = 0…full of its (whitened) SVD: exact"
     layer = self.ref_mods[name]
     st = self.layer_stats(name, layer, 'svd')
-    return output_errors(data_target(kernel(layer).flatten(-3), st.G, st.C, self.damp), st.G, self.damp)
+    return output_errors(data_target(kernel(layer).flatten(2), st.G, st.C, self.damp), st.G, self.damp)
 
 # %% ../nbs/05_calibrate.ipynb #b10c4a11
 _batch = threading.local()   # which calibration batch the current thread runs
@@ -471,17 +500,15 @@ def blocks(self:Calibration, items:list)->dict:
 
 # %% ../nbs/05_calibrate.ipynb #c2e7d913
 def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
-    "The kernels (G×O×I×kh×kw) that the factor layers of `blk`, made from `layer`, multiply together"
-    G,O,I,kh,kw = kernel(layer).shape
-    w = [l.weight.detach().double().unflatten(0, (G, -1)) for l in blk]
-    if blk.method=='svd': return torch.einsum('gor,grihw->goihw', w[1].reshape(G, O, -1), w[0].reshape(G, -1, I, kh, kw))
-    if blk.method=='spatial': return torch.einsum('gorw,grih->goihw', w[1][...,0,:], w[0][...,0])
-    if blk.method=='cp': return cp_to_tensor([w[3].flatten(-3), w[0].flatten(-3).mT, w[1].flatten(-3).mT, w[2].flatten(-3).mT])
-    (ro,ri),ws = blk.rank, list(w)
-    first = ws.pop(0).flatten(-3) if ri < I else torch.eye(I, dtype=torch.float64, device=w[0].device).expand(G, I, I)
-    core = ws.pop(0)
-    last = ws.pop(0).flatten(-3) if ro < O else torch.eye(O, dtype=torch.float64, device=w[0].device).expand(G, O, O)
-    return torch.einsum('grshw,gor,gsi->goihw', core, last, first)
+    """The kernels (G×O×I×k…, as `kernel(layer)`) that the factor layers of `blk`, made from `layer`, multiply together: channels by
+    products, spatial axes side by side"""
+    G,T = kernel(layer).shape[0], None
+    for l in blk:
+        W = kernel(l).double()
+        if W.shape[0] > G:   # depthwise: a diagonal G×R×R×k… kernel
+            W = torch.diag_embed(W.reshape(G, -1, *W.shape[3:]).movedim(1, -1)).movedim(-2, 1).movedim(-1, 2)
+        T = W if T is None else torch.einsum('goc...,gci...->goi...', W, T)
+    return T
 
 @patch
 def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:list)->np.ndarray:
@@ -491,12 +518,12 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     kinds = [(n, k) for n in names for k in dict.fromkeys(('patch', stat_kind(self.ref_mods[n], method)))]
     st = self.collect(kinds=kinds).stats[(name, 'patch')]
     if st.rows==0: return np.array([np.nan]*len(ranks))                  # no data reached it: no curve to go by
-    W = kernel(layer).flatten(-3).double()
+    W = kernel(layer).flatten(2).double()
     if method=='svd': return output_errors(W, st.G, self.damp).square()[torch.tensor(ranks)].numpy()
     S = st.cached('S', lambda: gram_sqrt(st.G, self.damp)[0])
     dt = torch.float64 if W.shape[-1] <= 1024 else torch.float32       # (O·n² a rank: float32 for the big ones)
     WS,S = (W@S).to(dt),S.to(dt)
-    fit = lambda r: block_kernel(self.build(name, layer, method, r, sequential=False), layer).flatten(-3).to(dt)
+    fit = lambda r: block_kernel(self.build(name, layer, method, r, sequential=False), layer).flatten(2).to(dt)
     err = lambda r: ((WS - fit(r)@S).square().sum()/WS.square().sum()).item()
     return np.array([err(r) for r in ranks])
 

@@ -31,17 +31,18 @@ def model_costs(model:nn.Module, x:Tensor|None=None)->tuple[int,int|None]:
 
 # %% ../nbs/06_callback.ipynb #78cf0148
 def dense_layers(model:nn.Module, layers=None, exclude=None, head:bool=False)->dict:
-    """Names of the `nn.Linear` and `nn.Conv2d` layers of `model` left to decompose: in `layers` (all if None), not in `exclude`, not in a
-    `Factorized` block, factorizable, not the output layer unless `head`"""
-    sel = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, skip=skip_reason, head=head)
-    return {kind: [n for n,m in sel if isinstance(m, kind)] for kind in (nn.Linear, nn.Conv2d)}
+    """{kind: names} of the `nn.Linear` and `nn.Conv2d` layers (and other convs, where the model has some) of `model` left to decompose:
+    in `layers` (all if None), not in `exclude`, not in a `Factorized` block, factorizable, not the output layer unless `head`"""
+    sel = select_layers(model, tuple(LAYER_METHODS), layers, exclude, skip=skip_reason, head=head)
+    names = {kind: [n for n,m in sel if layer_kind(m) is kind] for kind in LAYER_METHODS}
+    return {k: v for k,v in names.items() if v or k in (nn.Linear, nn.Conv2d)}
 
 def decompose_dense(model:nn.Module, method:str='tucker', layers=None, exclude=None, sample=None, head:bool=False,
                     **opts)->tuple[nn.Module,pd.DataFrame]:
-    """`decompose_model` restricted to `dense_layers(model, layers, exclude, head)`: Linear by SVD, Conv2d by `method`, `Factorized` blocks
+    """`decompose_model` restricted to `dense_layers(model, layers, exclude, head)`: Linear by SVD, convs by `method`, `Factorized` blocks
     left alone"""
     if not any(dense_layers(model, layers, exclude, head).values()):
-        raise ValueError("no nn.Linear or nn.Conv2d layer left to decompose" + (f" among layers={layers!r}" if layers else '') + " (layers already in a Factorized block are left alone"
+        raise ValueError("no nn.Linear or nn.Conv2d layer left to decompose (nor any other conv)" + (f" among layers={layers!r}" if layers else '') + " (layers already in a Factorized block are left alone"
                          + ("; the output layer is kept unless head=True" if not head else '') + ")")
     return decompose_model(model, method, sample, quiet=True, layers=layers, exclude=exclude, head=head, **opts)
 
@@ -132,7 +133,7 @@ class DecomposeCallback(Callback):
     order,run_valid = 0,False  # before MixedPrecision (10): decompose outside autocast
     def __init__(self,
         start_epoch=2,        # epoch at whose start to decompose (int), or fraction of training done (float in [0, 1)); a list: stages
-        method:str='tucker',  # how to decompose Conv2d layers: 'tucker', 'cp', 'svd' or 'spatial'; Linear layers always by SVD
+        method:str='tucker',  # how to decompose convs: 'tucker', 'cp', 'svd' or 'spatial' (1-D: SVD); Linear layers always by SVD
         rank=None,            # an int, a pair (Tucker), 'full', a {layer name: rank} dict, or a `RankRule` (`Budget` plans the whole model)
         keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
         percent_removed=None, # fraction of each layer's rank to remove
@@ -161,7 +162,7 @@ class DecomposeCallback(Callback):
         self.todo = []
         if hasattr(self.learn, 'lr_finder') or not len(self.dls.train): return
         if isinstance(self.learn.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
-        if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose")
+        if not any(isinstance(m, tuple(LAYER_METHODS)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose (nor any other conv)")
         left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
         n_iter = len(self.dls.train)
         for i,(e,l) in enumerate(zip(self.starts, left)):

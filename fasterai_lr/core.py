@@ -16,10 +16,11 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['DECOMPOSED', 'METHODS', 'LAYER_METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
-           'FactorizedModule', 'layer_method', 'check_number', 'placement', 'sample_input', 'random_batch', 'to_model',
-           'describe_inputs', 'evaluating', 'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer',
-           'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
+__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'LAYER_METHODS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
+           'FactorizedModule', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'sample_input',
+           'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'under', 'module_paths',
+           'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors',
+           'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -50,8 +51,21 @@ DECOMPOSED = (Factorized, FactorizedModule)   # what a decomposition puts in a l
 
 # %% ../nbs/01_core.ipynb #d53c3967
 METHODS = dict(tucker='Tucker', cp='CP', svd='SVD', spatial='Spatial')   # method: its per-layer call (the first: convolutions' default)
-LAYER_METHODS = {nn.Linear: ('svd',), nn.Conv2d: tuple(METHODS)}           # kind of layer: the methods it takes
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # what the per-layer calls take
+LAYER_METHODS = {nn.Linear: ('svd',),   # kind of layer: the methods it takes (a 1-D conv: no spatial split)
+                 **{k: tuple(m for m in METHODS if m!='spatial' or k not in (nn.Conv1d, nn.ConvTranspose1d)) for k in CONV_KINDS}}
+
+def layer_kind(layer:nn.Module)->type|None:
+    "The kind of layer (a key of `LAYER_METHODS`) that `layer` is, or None"
+    return next((k for k in LAYER_METHODS if isinstance(layer, k)), None)
+
+def kind_names(kinds)->tuple[str,str]:
+    """How messages name `kinds`: the first ones ('nn.Linear or nn.Conv2d') and a tail for the other conv kinds among them (', nor any
+    nn.Conv1d, ...')"""
+    named = [f'nn.{k.__name__}' for k in kinds]
+    main = [n for n in named if n in ('nn.Linear', 'nn.Conv2d')] or named
+    rest = [n for n in named if n not in main]
+    return ' or '.join(main), (f", nor any {', '.join(rest)}" if rest else '')
 EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight, per layer (not in LAYER_METHODS: no model walk takes them yet)
 
 def layer_method(layer:nn.Module, method:str)->str:
@@ -144,7 +158,7 @@ def layer_names(v, what:str='layers')->list|None:
     return list(v)
 
 def output_layer(model:nn.Module)->str|None:
-    "Name of `model`'s output layer: the last nn.Linear or nn.Conv2d it registers (None when there is none, or it is already decomposed)"
+    "Name of `model`'s output layer: the last Linear or convolution it registers (None when there is none, or it is already decomposed)"
     mods = dict(model.named_modules())
     last = next((k for k in reversed(mods) if isinstance(mods[k], tuple(LAYER_METHODS))), None)
     return None if last is None or under(last, [k for k,m in mods.items() if isinstance(m, Factorized)]) else last
@@ -158,14 +172,14 @@ def keeps_head(model:nn.Module, head:bool, layers=None)->str|None:
 # %% ../nbs/01_core.ipynb #40225c4f
 def _check_names(every:dict, mods:dict, kinds:tuple, layers, exclude):
     "A clear error for names in `layers`/`exclude` that are no module of the model, or hold no layer of `kinds`"
-    what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
+    what,nor = kind_names(kinds)
     if both := [n for n in layers or [] if n in (exclude or [])]:
         raise ValueError(f"{both[0]!r} is in both layers= and exclude=; a layer is either decomposed or left as it is")
     for n in (layers or []) + (exclude or []):
         if n not in every:
             raise ValueError(f"no layer named {n!r} in the model; pass names as in model.named_modules(), e.g. {[k for k,m in mods.items() if isinstance(m, kinds)][:3]}")
         if not any(under(k, [n]) and isinstance(m, kinds) for k,m in every.items()):
-            raise ValueError(f"{n!r} is a {type(every[n]).__name__} with no {what} in it; pass names of {what} layers or of modules holding them")
+            raise ValueError(f"{n!r} is a {type(every[n]).__name__} with no {what} in it{nor}; pass names of {what} layers or of modules holding them")
 
 def select_layers(model:nn.Module,
                   kinds,              # the layer class, or a tuple of them

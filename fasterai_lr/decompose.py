@@ -54,8 +54,8 @@ class Embedding_Decomposer:
                      "`layer` as an embedding of `rank` columns → Linear (or the rank that `keep`/`percent_removed`/`energy` asks for)")
 
 class Conv_Decomposer:
-    "Decompose `nn.Conv2d` layers by Tucker-2, CP, channel SVD or spatial SVD"
-    kind,methods,report = nn.Conv2d,LAYER_METHODS[nn.Conv2d],None
+    "Decompose convolutions (`nn.Conv1d/2d/3d`, `nn.ConvTranspose1d/2d/3d`) by Tucker-2, CP, channel SVD or spatial SVD (2-D and 3-D)"
+    kind,methods,report = CONV_KINDS,LAYER_METHODS[nn.Conv2d],None
     Tucker = _per_layer('tucker', conv_tucker, CONV_KINDS, 'Conv_Decomposer.Tucker',
                         "1×1 → k×k → 1×1 from Tucker-2 of the channel modes (Kim et al. 2015); `rank` is (r_out, r_in) or one int for both")
     CP = _per_layer('cp', conv_cp, CONV_KINDS, 'Conv_Decomposer.CP',
@@ -74,8 +74,9 @@ class Attention_Decomposer:
         return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name))
 
 # %% ../nbs/03_decompose.ipynb #c33d77e7
-def _out_hw(shape): return tuple(shape[-2:]) if len(shape)==4 else (1,1)
-
+def _sizes(shape, nd:int)->tuple:
+    "The `nd` spatial sizes of a conv's input or output `shape` (batched or not)"
+    return tuple(shape[-nd:]) if len(shape) > nd else (1,)*nd
 
 def layer_shapes(model:nn.Module, sample, names)->dict:
     "(input shape, output shape, calls) of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
@@ -93,13 +94,15 @@ def layer_shapes(model:nn.Module, sample, names)->dict:
 def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->tuple[int,int|None]:
     "(parameters, multiply-adds per sample or None without `shapes`) of `layer`'s weights, or of its `method` factorization at `rank`"
     K = kernel(layer)
-    G,O,I,kh,kw = K.shape
-    hw_in,hw_out = (_out_hw(shapes[0]),_out_hw(shapes[1])) if shapes else ((1,1),(1,1))
-    if isinstance(layer, (nn.Linear, *EMBEDDING_KINDS)) and shapes: tokens = max(1, int(torch.tensor(shapes[1][1:-1]).prod()))
-    p,m = conv_costs(method or 'original', rank, O, I, kh, kw, G, hw_in, hw_out)
-    if isinstance(layer, nn.Linear): m = p*tokens if shapes else None
+    (G,O,I,*ks),nd = K.shape, K.ndim-3
+    lin,emb = isinstance(layer, nn.Linear),isinstance(layer, EMBEDDING_KINDS)
+    sizes = (_sizes(shapes[0], nd), _sizes(shapes[1], nd)) if shapes and not (lin or emb) else (None, None)
+    # a conv runs at each output position, a transposed one at each input position: `kernel_costs` counts either
+    p,m = kernel_costs(method or 'original', rank, O, I, ks, G, *sizes, transposed=getattr(layer, 'transposed', False))
+    tokens = max(1, int(torch.tensor(shapes[1][1:-1]).prod())) if shapes and (lin or emb) else None
+    if lin: m = p*tokens if shapes else None   # once per token
     # an embedding (O = d) looks its rows up, no multiply-adds; its factorization's Linear costs r·d a token
-    if isinstance(layer, EMBEDDING_KINDS): m = (0 if (method or 'original')=='original' else rank*O)*tokens if shapes else None
+    if emb: m = (0 if (method or 'original')=='original' else rank*O)*tokens if shapes else None
     return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
 
 # %% ../nbs/03_decompose.ipynb #3a531dbe
@@ -140,10 +143,9 @@ def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)-
 
 def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     "Why `layer` (called `name` in a model whose `named_modules()` are `parents`) must stay as it is, or None"
-    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-    if type(layer).forward is not base.forward: return f"{type(layer).__name__} has its own forward"
+    if type(layer).forward is not layer_kind(layer).forward: return f"{type(layer).__name__} has its own forward"
     if by := source_reader(name, layer, parents): return f"read directly by {by}"
-    if isinstance(layer, nn.Conv2d) and layer.in_channels//layer.groups == 1:
+    if isinstance(layer, CONV_KINDS) and layer.in_channels//layer.groups == 1:
         if layer.groups > 1: return "depthwise: one input channel per group, nothing to factorize"
         return "one input channel: a few filters, too small to factorize"
 
@@ -158,7 +160,8 @@ def tied_params(model:nn.Module)->dict:
         for n,k in os: ties.setdefault(n, []).extend((k, o, ok) for o,ok in os if o!=n)
     return {n: t for n,t in ties.items() if t}
 
-def _geometry(m): return (type(m), *(getattr(m, k, None) for k in ('kernel_size','stride','padding','dilation','groups','padding_mode')))
+_GEOMETRY = ('kernel_size','stride','padding','dilation','groups','padding_mode','output_padding')
+def _geometry(m): return (type(m), *(getattr(m, k, None) for k in _GEOMETRY))
 
 def tie_groups(model:nn.Module, names:list)->tuple[dict,dict]:
     "Layers `names` that hold tied weights: ({follower: leader} of tie groups decomposed as one, {name: why it stays} of the others)"
@@ -183,9 +186,11 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3
 def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
-    "`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code"
+    """`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code; or (None, what) a call that passes
+    more than the input (a transposed conv's `output_size`)"""
     class Watched(cls):
         def forward(self, *args, **kw):
+            if len(args) > 1 or kw: seen.setdefault(name, (None, ', '.join(f'{k}=' for k in kw) or 'a second argument'))
             self.__dict__['_own'] = True
             try: return super().forward(*args, **kw)
             finally: self.__dict__['_own'] = False
@@ -220,8 +225,16 @@ def probe(model:nn.Module, sample=None, calib=None)->bool:
     return True
 
 def read_reason(name:str, layer:nn.Module, mods:dict, reads:dict, probed:bool)->str|None:
-    "Why `layer` must stay because its parents read it: from `reads` of a forward pass when `probed`, else from their source"
-    if probed: return None if name not in reads else f"its {reads[name][0]} is read outside its forward, by {reads[name][1]} (seen in a forward pass)"
+    """Why `layer` must stay because its parents read it or call it with more than its input: from `reads` of a forward pass when
+    `probed`, else from their source"""
+    if probed:
+        if name not in reads: return None
+        k,by = reads[name]
+        if k is None: return f"called with {by} (seen in a forward pass), which its block does not take: a block takes the input alone"
+        return f"its {k} is read outside its forward, by {by} (seen in a forward pass)"
+    parent = mods.get(name.rpartition('.')[0])
+    if getattr(layer, 'transposed', False) and parent is not None and any('output_size' in src for _,src in _sources(type(parent), False)):
+        return "its parent may call it with output_size=, which its block does not take (pass sample= to check by running the model)"
     if by := source_reader(name, layer, mods, only_forward=False):
         return f"its weights or settings may be read outside its forward: {by} names them (pass sample= to check by running the model)"
 
@@ -245,19 +258,19 @@ class RankRule:
         raise NotImplementedError
 
 def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, head:bool=False, calib=None)->list:
-    """(name, layer, method, shapes) for every Linear (SVD) and Conv2d (`method`, 1×1 by SVD) that `decompose_model` would factorize,
-    outside `Factorized` blocks"""
+    """(name, layer, method, shapes) for every Linear (SVD) and convolution (`method`, 1×1 and 1-D spatial by SVD) that `decompose_model`
+    would factorize, outside `Factorized` blocks"""
     if method not in ('auto',)+Conv_Decomposer.methods: raise ValueError(f"unknown method {method!r}; pass {', '.join(map(repr, Conv_Decomposer.methods))} or 'auto'")
-    todo = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude, head=head)
-    for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
+    todo = select_layers(model, tuple(LAYER_METHODS), layers, exclude, head=head)
+    for n,m in todo: check_layer(m, layer_kind(m), n)
     return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read, ...) left out
 
 class ModelBudget(RankRule):
     """A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and
-    Conv2d layers together"""
+    conv layers together"""
     sample = None  # a batch (or its shape), for when `plan` is not given one
     def plan(self, model:nn.Module, method:str='tucker', sample=None, layers=None, exclude=None, calib=None, head:bool=False)->dict:
-        """{layer name: rank} for every Linear and Conv2d of `model` (but its output layer, unless `head`): pass it as `rank=` to
+        """{layer name: rank} for every Linear and conv layer of `model` (but its output layer, unless `head`): pass it as `rank=` to
         `decompose_model` or a decomposer"""
         sample = sample if sample is not None else self.sample
         return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
@@ -309,9 +322,9 @@ def _plan_rank(v): return v[1] if isinstance(v, tuple) and isinstance(v[0], str)
 def _check_rank_dict(plan:dict, mods:dict):
     "Every name of a {layer: rank} dict is a layer of the model, and every rank is one"
     for n,v in plan.items():
-        if not isinstance(mods.get(n), (nn.Linear, nn.Conv2d, Factorized)):   # (a Factorized one: decomposed by an earlier pass or stage)
-            raise ValueError(f"rank= names {n!r}, which is not a layer to decompose; pass names of Linear/Conv2d layers as in model.named_modules(), e.g. "
-                             f"{[k for k,m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d))][:3]}")
+        if not isinstance(mods.get(n), (*LAYER_METHODS, Factorized)):   # (a Factorized one: decomposed by an earlier pass or stage)
+            raise ValueError(f"rank= names {n!r}, which is not a layer to decompose; pass names of Linear/Conv2d (or other conv) layers as in model.named_modules(), e.g. "
+                             f"{[k for k,m in mods.items() if isinstance(m, tuple(LAYER_METHODS))][:3]}")
         if v is not None: rank_option(rank=_plan_rank(v), name=n)
 
 def first_names(plan:dict, model:nn.Module)->dict:
@@ -322,8 +335,7 @@ def first_names(plan:dict, model:nn.Module)->dict:
 def _check_quantized(model, kinds):
     "A quantized layer is no Linear/Conv2d: say so, rather than find nothing to decompose"
     for n,m in model.named_modules():
-        if 'quantized' in type(m).__module__ and type(m).__name__ in [k.__name__ for k in kinds]:
-            check_layer(m, nn.Linear if type(m).__name__=='Linear' else nn.Conv2d, n)
+        if 'quantized' in type(m).__module__ and type(m).__name__ in [k.__name__ for k in kinds]: check_layer(m, kinds, n)
 
 AUTO = "method='auto' lets a rank budget choose each layer's method: pass rank=Budget(params=...) (or macs=), or a {layer: (method, rank)} dict"
 
@@ -334,7 +346,7 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
     kinds = tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
     layers,exclude,rank = layer_names(layers),layer_names(exclude, 'exclude'),opts.get('rank')
     _check_rule(rank)
-    per_layer,convs = isinstance(rank, (dict, RankRule)),nn.Conv2d in kinds
+    per_layer,convs = isinstance(rank, (dict, RankRule)),any(k in CONV_KINDS for k in kinds)
     if method not in methods and not (method=='auto' and convs):
         raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, tuple(methods) + ('auto',)*convs))}")
     if method=='auto' and not per_layer: raise ValueError(AUTO)
@@ -353,12 +365,12 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
 # %% ../nbs/03_decompose.ipynb #6f1e2a02
 def _all_done(new, todo, out, w)->bool:
     "True, with a warning, when every layer asked for is decomposed already; an error when the model has none to decompose"
-    what,done = ' or '.join(f'nn.{k.__name__}' for k in w.kinds),any(isinstance(m, Factorized) for m in new.modules())
+    (what,nor),done = kind_names(w.kinds),any(isinstance(m, Factorized) for m in new.modules())
     if todo and done and all(n==out for n,_ in todo):
         warnings.warn(f"every {what} layer but the output layer {out!r} (kept: pass head=True to decompose it) is already decomposed; the model is returned as it was")
         return True
     if todo: return False
-    if not done: raise ValueError(f"no {what} layer to decompose in this model" + (" among layers=" + repr(w.layers) if w.layers else ''))
+    if not done: raise ValueError(f"no {what} layer to decompose in this model" + (" among layers=" + repr(w.layers) if w.layers else '') + nor)
     among = (f" among layers={w.layers!r}" if w.layers else '') + (f" outside exclude={w.exclude!r}" if w.exclude else '')
     warnings.warn(f"every {what} layer{among} is already decomposed; the model is returned as it was (decompose the original to change ranks)")
     return True
@@ -371,7 +383,7 @@ def selected(model:nn.Module, w:SimpleNamespace, head:bool=False)->tuple[nn.Modu
     new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if _all_done(new, todo, out, w): return new, None, out
-    for n,m in todo: check_layer(m, nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d, n)
+    for n,m in todo: check_layer(m, layer_kind(m), n)
     return new, todo, out
 
 def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
@@ -405,14 +417,14 @@ def screen(new:nn.Module, todo:list, out:str|None, method:str, sample=None, cali
 def _at_most_full(v, layer, method, name=''):
     "One rank for a whole model means at most that rank: capped at each layer's full rank"
     if v=='full': return v
-    full = full_ranks(kernel(layer).shape)[method]
+    full = layer_full_ranks(layer)[method]
     if method=='tucker': return tuple(min(a, f) for a,f in zip((v,v) if isinstance(v, int) else v, full))
     if isinstance(v, tuple): raise ValueError(f"{name}: rank={v}: a pair of ranks is for Tucker only; pass an int for {method}")
     return min(v, full)
 
 def _check_model_rank(v, cands):
     "A whole-model rank that is at or above every layer's full rank decomposes nothing: say so"
-    fulls = {n: full_ranks(kernel(m).shape)[meth] for n,m,meth,_ in cands}
+    fulls = {n: layer_full_ranks(m)[meth] for n,m,meth,_ in cands}
     if fulls and v!='full' and all(_at_most_full(v, m, meth, n)==fulls[n] for n,m,meth,_ in cands):
         raise ValueError(f"rank={v} is above the full rank of every layer ({', '.join(f'{n}: {f}' for n,f in fulls.items())}); pass a smaller rank, or keep=")
 
@@ -425,6 +437,11 @@ def _layer_choice(n, m, meth, plan, opt, v, methods):
         if meth not in methods: raise ValueError(f"{n}: unknown method {meth!r} in the rank plan; pass one of {', '.join(map(repr, methods))}")
     elif meth=='auto': raise ValueError(f"{n}: the rank plan gives a rank but no method; {AUTO}")
     return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
+
+def _svd_note(layer, meth:str, method:str)->str:
+    "The report's note where a conv gets SVD rather than the walk's `method`: a 1×1 one, or a 1-D one asked for its spatial split"
+    if not isinstance(layer, CONV_KINDS) or meth==method or method=='auto': return ''
+    return '1×1: SVD' if all(k==1 for k in layer.kernel_size) else '1-D: SVD (its spatial split)'
 
 def choices(new:nn.Module, cands:list, rows:dict, w:SimpleNamespace, sample=None)->list:
     """(name, layer, method, rank) of the candidates that get a block, by the walk's rank option or rule (the report's `rows` say why the
@@ -439,8 +456,7 @@ def choices(new:nn.Module, cands:list, rows:dict, w:SimpleNamespace, sample=None
         if p1 >= rows[n]['params'] and not (w.opt=='rank' and w.v=='full'):
             rows[n]['note'] = f"rank {r} would keep {p1/rows[n]['params']:.0%} of the parameters"; continue
         items.append((n, m, meth, r))
-        one = isinstance(m, nn.Conv2d) and meth!=w.method and w.method!='auto'
-        rows[n].update(method=meth, params_after=p1, macs_after=m1, note='1×1: SVD' if one else '')
+        rows[n].update(method=meth, params_after=p1, macs_after=m1, note=_svd_note(m, meth, w.method))
     return items
 
 # %% ../nbs/03_decompose.ipynb #6f1e2a05
@@ -478,8 +494,8 @@ def as_report(rows:dict)->pd.DataFrame:
 # %% ../nbs/03_decompose.ipynb #6f1e2a06
 def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, exclude=None, sample=None, quiet=False,
                      calib=None, head:bool=False, **opts)->tuple[nn.Module,pd.DataFrame]:
-    """Decomposed copy of `model` with its `kinds` layers (Linear, Conv2d or both) factorized, Conv2d by `method` (Linear and 1×1 by SVD),
-    and the report"""
+    """Decomposed copy of `model` with its `kinds` layers (Linear, convolutions or both) factorized, convs by `method` (Linear and 1×1 by
+    SVD), and the report"""
     w = walk_args(model, kinds, method, methods, layers, exclude, calib, **opts)                # validate
     new,todo,out = selected(model, w, head)                                                     # select
     if todo is None: return new, as_report({})
@@ -492,7 +508,7 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
 # %% ../nbs/03_decompose.ipynb #e3b3a74e
 @patch
 def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
-              method:str|None=None, # 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for Conv2d; 'auto': a budget chooses
+              method:str|None=None, # 'svd' for Linear; 'tucker' (default), 'cp', 'svd' or 'spatial' for convs; 'auto': a budget chooses
               rank=None,            # an int or a pair (Tucker's (out, in)), at most each layer's full rank; 'full' (exact);
                                     # a {layer name: rank or (method, rank)} dict; or a `RankRule` (`VBMF`, `Budget`, ...)
               keep=None,            # fraction of each layer's parameters to keep (0.5 when no rank option is given)
@@ -519,8 +535,8 @@ def report_totals(report:pd.DataFrame)->dict:
 
 def decompose_model(model:nn.Module, method:str='tucker', sample=None, quiet:bool=False, calib=None, head:bool=False,
                     **opts)->tuple[nn.Module,pd.DataFrame]:
-    """Decompose every Conv2d of `model` by `method` and every Linear by SVD, in one walk (in forward order for sequential calibration): the
-    new model and its report"""
+    """Decompose every convolution of `model` (1-, 2-, 3-D, transposed too) by `method` and every Linear by SVD, in one walk (in forward
+    order for sequential calibration): the new model and its report"""
     _check_model(model, 'decompose_model')
     mods = dict(model.named_modules())
     layers,exclude = layer_names(opts.pop('layers', None)),layer_names(opts.pop('exclude', None), 'exclude')

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy, importlib.util, pickle, torch, numpy as np
 from pathlib import Path
 from torch import nn, Tensor
-from .factorize import full_ranks
 from .core import *
 from .layers import *
 from .layers import _src
@@ -61,12 +60,12 @@ def _planned_layer(model, name, spec, method, rank)->nn.Module:
     try: layer = model.get_submodule(name)
     except AttributeError: raise ValueError(f"the plan decomposes {name!r}, which the model does not have; apply a plan to the architecture it was made from") from None
     if isinstance(layer, Factorized): raise ValueError(f"{name!r} is already decomposed; apply a plan to a fresh, undecomposed instance of the architecture")
-    kind = next((k for k in LAYER_METHODS if isinstance(layer, k)), None)
+    kind = layer_kind(layer)
     if kind is None: raise ValueError(f"the plan decomposes {name!r} ({spec.get('source') or method}), but the model's {name!r} is a {type(layer).__name__}; apply the plan to the architecture it was made from")
     if spec.get('source') and spec['source']!=_src(layer):
         raise ValueError(f"the plan's {name!r} was {spec['source']}, but the model's is {_src(layer)}; apply the plan to the architecture (and size) it was made from")
     if method not in LAYER_METHODS[kind]: raise ValueError(f"plan entry {name!r}: unknown method {method!r} for a {kind.__name__}; it takes {', '.join(LAYER_METHODS[kind])}")
-    full = full_ranks(kernel(layer).shape)[method]
+    full = layer_full_ranks(layer)[method]
     if (any(a>f for a,f in zip(rank, full)) if method=='tucker' else rank>full):
         raise ValueError(f"plan entry {name!r}: rank {rank} is above the full rank {full} of {method} for {_src(layer)}")
     return layer

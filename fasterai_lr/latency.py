@@ -21,8 +21,8 @@ from .decompose import *
 from .ranks import Budget, Curve, allocate, rank_errors, _prepare
 
 # %% auto #0
-__all__ = ['LATENCIES', 'LatencyCache', 'layer_key', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware', 'choose',
-           'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget']
+__all__ = ['LATENCIES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
+           'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -45,8 +45,13 @@ def layer_key(layer:nn.Module)->tuple:
     "What a layer's latency depends on besides its input: type, geometry and dtype"
     dt = str(layer.weight.dtype)
     if isinstance(layer, nn.Linear): return ('Linear', layer.in_features, layer.out_features, layer.bias is not None, dt)
-    geom = [_geom(getattr(layer, a)) for a in ('kernel_size','stride','padding','dilation')]
-    return ('Conv2d', layer.in_channels, layer.out_channels, *geom, layer.groups, layer.bias is not None, layer.padding_mode, dt)
+    geom = [_geom(getattr(layer, a)) for a in ('kernel_size','stride','padding','dilation') + ('output_padding',)*layer.transposed]
+    return (layer_kind(layer).__name__, layer.in_channels, layer.out_channels, *geom, layer.groups, layer.bias is not None,
+            layer.padding_mode, dt)
+
+def in_format(m:nn.Module, memory_format)->nn.Module:
+    "`m` with its 4-d parameters and buffers in `memory_format`, the others as they are (channels_last is for 4-d tensors: not a Conv3d's)"
+    return m._apply(lambda t: t.contiguous(memory_format=memory_format) if t.ndim==4 else t)
 
 # %% ../nbs/07_latency.ipynb #84d86189
 class LayerTimer:
@@ -76,8 +81,8 @@ class LayerTimer:
         if option is None:   # the layer itself: a copy unless it runs as it is (the caller's layer keeps its device, format and mode)
             w = layer.weight
             as_is = w.device==self.device and (w.ndim!=4 or w.is_contiguous(memory_format=self.memory_format))
-            return layer if as_is else copy.deepcopy(layer).to(self.device, memory_format=self.memory_format).eval()
-        return shell(layer, *option).to(self.device, memory_format=self.memory_format).eval()
+            return layer if as_is else in_format(copy.deepcopy(layer).to(self.device), self.memory_format).eval()
+        return in_format(shell(layer, *option).to(self.device), self.memory_format).eval()
     def input(self, in_shape)->Tensor:
         return random_batch(in_shape[1:], self.batch, self.device, self.memory_format)
     def __call__(self, layer:nn.Module, options:list, in_shape)->list[float]:
@@ -100,8 +105,7 @@ def round_rank(r, step:int, full):
 
 def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[tuple]:
     "(method, rank) options within `keep` of `layer`'s parameters: the largest rank and its roundings down to multiples of each of `steps`"
-    K = kernel(layer)
-    r,full = layer_rank(K, method, 'keep', keep), full_ranks(K.shape)[method]
+    r,full = layer_rank(kernel(layer), method, 'keep', keep), layer_full_ranks(layer)[method]
     return [(method, x) for x in dict.fromkeys([r] + [round_rank(r, s, full) for s in steps])]
 
 # %% ../nbs/07_latency.ipynb #a9d6f66e
@@ -144,7 +148,9 @@ def _fractions(v, arg:str)->tuple:
     return tuple(check_number(f, f"{arg}[{i}]", want, lo=0, hi=1, ends='(]') for i,f in enumerate(v))
 
 def _methods(layer, method, methods):
-    return ['svd'] if method=='svd' and (isinstance(layer, nn.Linear) or layer.kernel_size==(1,1)) else list(methods or [method])
+    "The methods to time for `layer`: SVD alone for a Linear or 1×1 conv, else `methods` (or its own `method`) as its kind takes them"
+    if method=='svd' and (isinstance(layer, nn.Linear) or all(k==1 for k in layer.kernel_size)): return ['svd']
+    return list(dict.fromkeys(layer_method(layer, m) for m in methods or [method]))   # (a 1-D conv's spatial is its SVD)
 
 class LatencyAware(ModelBudget):
     """Per layer, the (method, rank) within `keep` of its parameters that loses least among those measured faster than the layer; layers
@@ -236,17 +242,20 @@ def linked(model:nn.Module)->list[tuple[str,str]]:
     return out
 
 # %% ../nbs/07_latency.ipynb #4ffe11d1
-def _plain(m, kind): return isinstance(m, kind) and type(m).forward is kind.forward
+def _plain(m, kind): return isinstance(m, kind) and type(m).forward is (layer_kind(m) if isinstance(kind, tuple) else kind).forward
+
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}   # the BatchNorm that follows a conv of each dims
 
 def fold_bn(model:nn.Module)->nn.Module:
-    """`model`, set to eval and changed in place, with every BatchNorm whose only input is a Conv2d's (Linear's) output folded into it and
-    replaced by Identity"""
+    """`model`, set to eval and changed in place, with every BatchNorm whose only input is a conv's (1-, 2-, 3-D, transposed too) or a
+    Linear's output folded into it and replaced by Identity"""
     model.eval()
     mods = dict(model.named_modules())
     for a,b in linked(model):
         A,B = mods[a],mods[b]
         if not (isinstance(B, nn.modules.batchnorm._BatchNorm) and B.running_mean is not None): continue
-        if _plain(A, nn.Conv2d) and type(B) is nn.BatchNorm2d and B.num_features==A.out_channels: new = fuse_conv_bn_eval(A, B)
+        if _plain(A, CONV_KINDS) and type(B) is _BN[len(A.kernel_size)] and B.num_features==A.out_channels:
+            new = fuse_conv_bn_eval(A, B, transpose=A.transposed)
         elif _plain(A, nn.Linear) and type(B) is nn.BatchNorm1d and B.num_features==A.out_features: new = fuse_linear_bn_eval(A, B)
         else: continue
         model.set_submodule(a, new); model.set_submodule(b, nn.Identity())
@@ -309,7 +318,7 @@ def optimize(model:nn.Module, sample=None, batch:int=1,
     if fold: fold_bn(new)
     if merge: merge_linear(new)
     if memory_format=='auto': memory_format = torch.contiguous_format if sample is None else fastest_format(new, sample, batch, timer)
-    return new.to(memory_format=memory_format)
+    return in_format(new, memory_format)
 
 # %% ../nbs/07_latency.ipynb #8e981ea2
 class _LatencyCurve(Curve):
@@ -355,8 +364,7 @@ class LatencyBudget(ModelBudget):
 
 # %% ../nbs/07_latency.ipynb #a0065947
 def _options(layer, method, methods, fracs, round_to):
-    K = kernel(layer)
-    full = full_ranks(K.shape)
+    K,full = kernel(layer),layer_full_ranks(layer)
     return [(m, r) for m in _methods(layer, method, methods)
             for r in dict.fromkeys(round_rank(layer_rank(K, m, 'keep', f), round_to, full[m]) for f in fracs)]
 
@@ -376,7 +384,7 @@ def _curves(self, model, cands, sample, calib=None):
 
 def _baseline(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor)->SimpleNamespace:
     "The model's measured latencies, the one to keep a fraction of (`T0`), and how the layers' own timings map onto the model's"
-    as_run = lambda m: (fold_bn(m) if self.fold else m).to(memory_format=self.timer.memory_format)
+    as_run = lambda m: in_format(fold_bn(m) if self.fold else m, self.timer.memory_format)
     given,dense = planned(model, {}), as_run(planned(model, {}))   # copies: the caller's model keeps its mode and format
     T_given,T_dense = self.timer.timer([given, dense], x)
     base,T0 = (given,T_given) if self.baseline=='given' else (dense,T_dense)

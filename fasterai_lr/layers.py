@@ -13,11 +13,11 @@ from .core import *
 from .core import _is_int, _is_real, _py
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'check_layer', 'kernel', 'layer_rank',
-           'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial',
-           'conv_tucker', 'conv_cp', 'builder', 'check_embedding', 'embedding_shell', 'embedding_svd',
-           'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs', 'FactorizedMHA',
-           'attention_svd']
+__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'check_layer', 'kernel',
+           'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd',
+           'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder', 'check_embedding', 'embedding_shell',
+           'embedding_svd', 'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs',
+           'FactorizedMHA', 'attention_svd']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -70,6 +70,11 @@ def kernel(layer:nn.Module)->Tensor:
     if isinstance(layer, EMBEDDING_KINDS): return w.T[None,:,:,None,None]
     K = w.unflatten(0, (layer.groups, -1))
     return K.transpose(1, 2) if layer.transposed else K
+
+def layer_full_ranks(layer:nn.Module)->dict:
+    "The rank at which each method is exact for `layer`: `full_ranks` of its kernel, in its own spatial dims"
+    K = kernel(layer)
+    return full_ranks(K.shape, K.ndim-3)
 
 NOT_CP = "energy= is not defined for CP (it has no singular values); pass rank= or keep="
 

@@ -14,6 +14,7 @@ from .factorize import *
 from .core import *
 from .layers import *
 from .decompose import *
+from .layers import _kernel_2d
 from .decompose import _check_calib
 
 # %% auto #0
@@ -81,8 +82,7 @@ class VBMF(RankRule):
         self.energy,self.round_to = _energy(energy),_round_to(round_to)
     def rank(self, layer:nn.Module, method:str):
         "The VBMF rank of `layer` for `method`"
-        K = kernel(layer)
-        full = full_ranks(K.shape)[method]
+        K,full = _kernel_2d(layer),layer_full_ranks(layer)[method]   # (the SVD and Tucker-2 matrices of a 2-D kernel)
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
         if method=='tucker': return tuple(_round_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
         return _round_up(vbmf_rank(svd_matrix(K, method), self.energy), self.round_to, full)
@@ -96,12 +96,12 @@ def rank_grid(full:int, round_to:int=1, n:int=64)->list[int]:
     step = round_to*math.ceil(full/(n*round_to))
     return list(range(step, full+1, step))
 
-def _cp_errors(X, ranks, n_fit=3):
-    "Relative squared CP errors at `ranks`, from ALS fits at `n_fit` of them, log-interpolated"
+def _cp_errors(X, ranks, nd:int=2, n_fit=3):
+    "Relative squared CP errors at `ranks` of kernels X with `nd` spatial dims, from ALS fits at `n_fit` of them, log-interpolated"
     idx = sorted({round(i) for i in np.geomspace(1, len(ranks), n_fit)-1})
     fit = [ranks[i] for i in idx]
     n2 = X.square().sum().clamp_min(1e-300)
-    e = [((X-cp_to_tensor(cp(X, r, n_iter=10))).square().sum()/n2).clamp(1e-30, 1).item() for r in fit]
+    e = [((X-cp_to_tensor(cp(X, r, n_iter=10, nd=nd))).square().sum()/n2).clamp(1e-30, 1).item() for r in fit]
     x, y = np.array([0]+fit, float), np.log([1.]+e)
     slope = (y[-1]-y[-2])/(x[-1]-x[-2])
     r = np.array(ranks, float)
@@ -109,7 +109,10 @@ def _cp_errors(X, ranks, n_fit=3):
     return torch.tensor(np.exp(np.minimum.accumulate(out)))
 
 def rank_errors(K:Tensor, method:str, ranks:list)->Tensor:
-    "Relative squared error ‖K−K̂‖²/‖K‖² of `method` at each of `ranks` for kernels K (G×O×I×kh×kw)"
+    "Relative squared error ‖K−K̂‖²/‖K‖² of `method` at each of `ranks` for kernels K (G×O×I×kh×kw, or G×O×I×k… as `kernel` gives them)"
+    nd = K.ndim-3
+    if method=='cp': return _cp_errors(K.double(), ranks, nd)   # a factor per spatial dim; the others see the 2-D layout
+    K = as_2d(K, nd)
     X = K.double()
     n2 = X.square().sum().clamp_min(1e-300)
     if method in ('svd','spatial'):
@@ -120,7 +123,6 @@ def rank_errors(K:Tensor, method:str, ranks:list)->Tensor:
         kept = torch.einsum('...oihw,...or,...is->...rshw', X, U, V).square().sum((-2,-1)).flatten(0,-3).sum(0).cumsum(0).cumsum(1)
         ro,ri = torch.tensor(ranks).T
         return (1 - kept[ro-1, ri-1]/n2).clamp_min(0)
-    if method=='cp': return _cp_errors(X, ranks)
     raise ValueError(f"unknown method {method!r}; pass 'svd', 'spatial', 'tucker' or 'cp'")
 
 # %% ../nbs/04_ranks.ipynb #2585e8da
@@ -139,8 +141,7 @@ FRACTIONS = tuple(np.geomspace(0.02, 0.95, 24).round(4)) # the parameter fractio
 
 def _fraction_ranks(layer:nn.Module, method:str, round_to:int=1)->list:
     "One rank for each of `FRACTIONS` of `layer`'s parameters (Tucker: its best (out, in) split), rounded up to multiples of `round_to`"
-    K = kernel(layer)
-    full = full_ranks(K.shape)[method]
+    K,full = kernel(layer),layer_full_ranks(layer)[method]
     up = lambda r,f: min(f, round_to*math.ceil(r/round_to))
     rs = [layer_rank(K, method, 'keep', float(f)) for f in (FRACTIONS[::4] if method=='cp' else FRACTIONS)]   # (CP: an ALS each, 6 of them)
     return list(dict.fromkeys(tuple(map(up, r, full)) if method=='tucker' else up(r, full) for r in rs))
@@ -156,10 +157,9 @@ def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int
     """The options of `layer` for `method` ('auto': every method's), with weight errors or, given `calib`, output errors on its data (None
     when no rank is cheaper than the layer)"""
     if method=='auto':
-        curves = [layer_curve(name, layer, m, shapes, round_to, res, calib) for m in LAYER_METHODS[nn.Conv2d]]
+        curves = [layer_curve(name, layer, m, shapes, round_to, res, calib) for m in LAYER_METHODS[layer_kind(layer)]]
         return _merged(name, layer, [c for c in curves if c is not None])
-    K = kernel(layer)
-    full = full_ranks(K.shape)[method]
+    K,full = kernel(layer),layer_full_ranks(layer)[method]
     p0,m0 = layer_costs(layer, shapes=shapes)
     if calib is not None and method!='svd': ranks = _fraction_ranks(layer, method, round_to)   # each a data-aware fit: a few dozen
     elif method=='tucker': ranks = [(a,b) for a in rank_grid(full[0], round_to, res) for b in rank_grid(full[1], round_to, res)]

@@ -102,7 +102,6 @@ class SeriesCNN(nn.Sequential):
         block = lambda i, o, k: [nn.Conv1d(i, o, k, padding='same', bias=False), nn.BatchNorm1d(o), nn.ReLU()]
         super().__init__(*block(c_in, c, 7), *block(c, c, 5), *block(c, c, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(c, n_out))
 
-@pytest.mark.xfail(strict=True, reason='the model walk does not take Conv1d yet (it is coming)')
 def test_series_conv1d(tmp_path):
     set_seed(0)
     t = torch.linspace(0, 1, 64)
