@@ -255,6 +255,7 @@ def _fingerprint(model:nn.Module)->tuple:
 
 class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
+    def takes(self, layer:nn.Module)->bool: return not isinstance(layer, EMBEDDING_KINDS)   # an embedding's rows: weight-only
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches, or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use sees the same ones
                  sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it
@@ -287,7 +288,7 @@ class Calibration(Calibrator):
                              "materialize the model (e.g. model.to_empty(device='cpu') and load its state_dict) first")
         fp = _fingerprint(model)
         if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work = {},{},{},fp,None   # new weights: statistics anew
-        self.model,self.names = model,list(names)
+        self.model,self.names = model,[n for n in names if self.takes(model.get_submodule(n))]
         self.ref = copy.deepcopy(model).eval()
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
         self.batches()
@@ -396,6 +397,7 @@ def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
 def build(self:Calibration, name:str, layer:nn.Module, method:str, rank, sequential:bool|None=None)->Factorized|None:
     """The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it (`sequential`: this
     calibration's mode by default)"""
+    if not self.takes(layer): return None
     st = self.layer_stats(name, layer, method, sequential)
     if st.rows==0: return None
     return _fit_block(_blank(layer, method, rank, self._cp), layer, st, self.damp)
@@ -494,9 +496,10 @@ class _Lockstep:
 def blocks(self:Calibration, items:list)->dict:
     """{name: data-aware block, or None (weight-only)} for `items` [(name, layer, method, rank)]; sequential: all of them in one lockstep
     pass"""
-    if self.sequential: return _Lockstep(self, items)()
-    self.collect(kinds=[(n, stat_kind(l, m)) for n,l,m,_ in items])
-    return {n: self.build(n, l, m, r) for n,l,m,r in items}
+    fit = [it for it in items if self.takes(it[1])]   # the others: weight-only
+    if self.sequential: return _Lockstep(self, fit)()
+    self.collect(kinds=[(n, stat_kind(l, m)) for n,l,m,_ in fit])
+    return {n: self.build(n, l, m, r) for n,l,m,r in fit}
 
 # %% ../nbs/05_calibrate.ipynb #c2e7d913
 def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
@@ -514,6 +517,7 @@ def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
 def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:list)->np.ndarray:
     """Relative squared output error ‖(W−Ŵ)S‖²/‖WS‖² of `layer`'s data-aware `method` block at each of `ranks` on the calibration data (G =
     SSᵀ): exact for SVD, from the built factors otherwise"""
+    if not self.takes(layer): return np.array([np.nan]*len(ranks))      # weight errors, then
     names = self.names if name in self.names else [name]               # one pass for every prepared layer, not one per layer
     kinds = [(n, k) for n in names for k in dict.fromkeys(('patch', stat_kind(self.ref_mods[n], method)))]
     st = self.collect(kinds=kinds).stats[(name, 'patch')]

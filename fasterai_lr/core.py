@@ -16,7 +16,7 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'LAYER_METHODS', 'EMBEDDING_KINDS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
+__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'LAYER_METHODS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
            'FactorizedModule', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'sample_input',
            'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'under', 'module_paths',
            'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors',
@@ -52,8 +52,10 @@ DECOMPOSED = (Factorized, FactorizedModule)   # what a decomposition puts in a l
 # %% ../nbs/01_core.ipynb #d53c3967
 METHODS = dict(tucker='Tucker', cp='CP', svd='SVD', spatial='Spatial')   # method: its per-layer call (the first: convolutions' default)
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # what the per-layer calls take
+EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight
 LAYER_METHODS = {nn.Linear: ('svd',),   # kind of layer: the methods it takes (a 1-D conv: no spatial split)
-                 **{k: tuple(m for m in METHODS if m!='spatial' or k not in (nn.Conv1d, nn.ConvTranspose1d)) for k in CONV_KINDS}}
+                 **{k: tuple(m for m in METHODS if m!='spatial' or k not in (nn.Conv1d, nn.ConvTranspose1d)) for k in CONV_KINDS},
+                 **{k: ('svd',) for k in EMBEDDING_KINDS}}
 
 def layer_kind(layer:nn.Module)->type|None:
     "The kind of layer (a key of `LAYER_METHODS`) that `layer` is, or None"
@@ -66,7 +68,6 @@ def kind_names(kinds)->tuple[str,str]:
     main = [n for n in named if n in ('nn.Linear', 'nn.Conv2d')] or named
     rest = [n for n in named if n not in main]
     return ' or '.join(main), (f", nor any {', '.join(rest)}" if rest else '')
-EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight, per layer (not in LAYER_METHODS: no model walk takes them yet)
 
 def layer_method(layer:nn.Module, method:str)->str:
     "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear, embedding, 1×1 conv, 1-D conv's spatial"
@@ -160,7 +161,7 @@ def layer_names(v, what:str='layers')->list|None:
 def output_layer(model:nn.Module)->str|None:
     "Name of `model`'s output layer: the last Linear or convolution it registers (None when there is none, or it is already decomposed)"
     mods = dict(model.named_modules())
-    last = next((k for k in reversed(mods) if isinstance(mods[k], tuple(LAYER_METHODS))), None)
+    last = next((k for k in reversed(mods) if isinstance(mods[k], (nn.Linear, *CONV_KINDS))), None)   # (an embedding is an input)
     return None if last is None or under(last, [k for k,m in mods.items() if isinstance(m, Factorized)]) else last
 
 HEAD_NOTE = "the model's output layer: kept (it costs the most accuracy for the least saving); pass head=True, or name it in layers=, to decompose it"

@@ -145,6 +145,9 @@ def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     "Why `layer` (called `name` in a model whose `named_modules()` are `parents`) must stay as it is, or None"
     if type(layer).forward is not layer_kind(layer).forward: return f"{type(layer).__name__} has its own forward"
     if by := source_reader(name, layer, parents): return f"read directly by {by}"
+    if isinstance(layer, EMBEDDING_KINDS):
+        try: check_embedding(layer)
+        except ValueError as e: return str(e).replace(f"{type(layer).__name__} has", "it has", 1)
     if isinstance(layer, CONV_KINDS) and layer.in_channels//layer.groups == 1:
         if layer.groups > 1: return "depthwise: one input channel per group, nothing to factorize"
         return "one input channel: a few filters, too small to factorize"
@@ -262,7 +265,7 @@ def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, e
     would factorize, outside `Factorized` blocks"""
     if method not in ('auto',)+Conv_Decomposer.methods: raise ValueError(f"unknown method {method!r}; pass {', '.join(map(repr, Conv_Decomposer.methods))} or 'auto'")
     todo = select_layers(model, tuple(LAYER_METHODS), layers, exclude, head=head)
-    for n,m in todo: check_layer(m, layer_kind(m), n)
+    for n,m in todo: check_layer(m, layer_kind(m), n, settings=False)   # (settings a block cannot keep: `skip_reason`)
     return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read, ...) left out
 
 class ModelBudget(RankRule):
@@ -286,6 +289,9 @@ class Calibrator:
     def batches(self)->list:
         "The model inputs, (args, kwargs) each, it calibrates on (none by default); the first one also shows what reads the layers"
         return []
+    def takes(self, layer:nn.Module)->bool:
+        "Whether it fits `layer` (else the layer gets weight-only factors, and the report says so): every layer by default"
+        return True
 
 # %% ../nbs/03_decompose.ipynb #b81cfcbd
 def _pruned(model): return next(((n, h._tensor_name) for n,m in model.named_modules() for h in m._forward_pre_hooks.values()
@@ -383,7 +389,7 @@ def selected(model:nn.Module, w:SimpleNamespace, head:bool=False)->tuple[nn.Modu
     new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if _all_done(new, todo, out, w): return new, None, out
-    for n,m in todo: check_layer(m, layer_kind(m), n)
+    for n,m in todo: check_layer(m, layer_kind(m), n, settings=False)   # (settings a block cannot keep: `skip_reason`)
     return new, todo, out
 
 def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
@@ -502,6 +508,8 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
     rows,cands,shapes,follow = screen(new, todo, out, method, sample, w.calib)                 # screen
     items = choices(new, cands, rows, w, sample)                                                # plan
     built = w.calib.prepare(new, [n for n,*_ in items]).blocks(items) if w.calib is not None else {}
+    for n,m,*_ in (items if w.calib is not None else []):
+        if not w.calib.takes(m): _note(rows[n], f"weight-only factors: the calibration does not fit an {type(m).__name__}")
     swap(new, items, built, follow, rows, shapes, quiet)                                        # build
     return _unshared(new, model), as_report(rows)                                               # report
 

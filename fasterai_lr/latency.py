@@ -45,6 +45,7 @@ def layer_key(layer:nn.Module)->tuple:
     "What a layer's latency depends on besides its input: type, geometry and dtype"
     dt = str(layer.weight.dtype)
     if isinstance(layer, nn.Linear): return ('Linear', layer.in_features, layer.out_features, layer.bias is not None, dt)
+    if isinstance(layer, EMBEDDING_KINDS): return (type(layer).__name__, layer.num_embeddings, layer.embedding_dim, getattr(layer, 'mode', None), dt)
     geom = [_geom(getattr(layer, a)) for a in ('kernel_size','stride','padding','dilation') + ('output_padding',)*layer.transposed]
     return (layer_kind(layer).__name__, layer.in_channels, layer.out_channels, *geom, layer.groups, layer.bias is not None,
             layer.padding_mode, dt)
@@ -83,7 +84,9 @@ class LayerTimer:
             as_is = w.device==self.device and (w.ndim!=4 or w.is_contiguous(memory_format=self.memory_format))
             return layer if as_is else in_format(copy.deepcopy(layer).to(self.device), self.memory_format).eval()
         return in_format(shell(layer, *option).to(self.device), self.memory_format).eval()
-    def input(self, in_shape)->Tensor:
+    def input(self, in_shape, layer:nn.Module|None=None)->Tensor:
+        "A random input of `in_shape` with `batch` samples: indices for an embedding"
+        if isinstance(layer, EMBEDDING_KINDS): return torch.randint(0, layer.num_embeddings, (self.batch, *in_shape[1:]), device=self.device)
         return random_batch(in_shape[1:], self.batch, self.device, self.memory_format)
     def __call__(self, layer:nn.Module, options:list, in_shape)->list[float]:
         "Seconds per call of `layer` and of each of `options` [(method, rank)], on an input of `in_shape` with its batch set to `batch`"
@@ -92,7 +95,7 @@ class LayerTimer:
         todo = [o for o,k in zip(opts, keys) if k not in self.cache]
         if todo:
             if todo[0] is not None: todo = [None, *todo]   # the layer is timed beside its options: their ratios come from one measurement
-            ts = self.timer([self.module(layer, o) for o in todo], self.input(in_shape))
+            ts = self.timer([self.module(layer, o) for o in todo], self.input(in_shape, layer))
             self.cache.update({self.key(layer, o, in_shape): t for o,t in zip(todo, ts)})
             self.measured += 1
         return [self.cache[k] for k in keys]
@@ -149,7 +152,7 @@ def _fractions(v, arg:str)->tuple:
 
 def _methods(layer, method, methods):
     "The methods to time for `layer`: SVD alone for a Linear or 1×1 conv, else `methods` (or its own `method`) as its kind takes them"
-    if method=='svd' and (isinstance(layer, nn.Linear) or all(k==1 for k in layer.kernel_size)): return ['svd']
+    if method=='svd' and layer_method(layer, 'tucker')=='svd': return ['svd']   # a Linear, an embedding, a 1×1 conv
     return list(dict.fromkeys(layer_method(layer, m) for m in methods or [method]))   # (a 1-D conv's spatial is its SVD)
 
 class LatencyAware(ModelBudget):
@@ -296,6 +299,8 @@ def merge_linear(model:nn.Module)->nn.Module:
 # %% ../nbs/07_latency.ipynb #07cbcbac
 def _batch_input(model, sample, batch, device, memory_format)->Tensor:
     if sample is None: raise ValueError("timing the whole model needs its input size; pass sample= (a batch or its shape)")
+    if isinstance(sample, Tensor) and not sample.is_floating_point():   # indices (token ids, categories): `batch` rows of the sample's
+        return sample[torch.arange(batch) % len(sample)].to(device)
     shape = tuple(sample.shape[1:]) if isinstance(sample, Tensor) else tuple(sample)[-3:] if len(sample) >= 3 else tuple(sample)
     return random_batch(shape, batch, device, memory_format)
 

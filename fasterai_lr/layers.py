@@ -43,8 +43,8 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
     return opt, v
 
 # %% ../nbs/02_layers.ipynb #da533ca8
-def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='')->None:
-    "Raise a clear error unless `layer` is a float `kind` layer (`kind`: a class or a tuple of them) with finite weights"
+def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='', settings:bool=True)->None:
+    "A clear error unless `layer` is a float `kind` layer (a class or a tuple) with finite weights (and, if `settings`, ones a block keeps)"
     at,kinds = name or type(layer).__name__, kind if isinstance(kind, tuple) else (kind,)
     if 'quantized' in type(layer).__module__:
         raise TypeError(f"{at} is a quantized {type(layer).__name__}; decompose the float model first, then quantize it")
@@ -59,7 +59,7 @@ def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='')->Non
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
     if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
-    if isinstance(layer, EMBEDDING_KINDS): check_embedding(layer, at)   # settings a factorization cannot keep
+    if settings and isinstance(layer, EMBEDDING_KINDS): check_embedding(layer, at)   # settings a factorization cannot keep
 
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:

@@ -168,7 +168,7 @@ def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int
         ranks = rank_grid(min(full, math.ceil(p0/per_rank)), round_to, 16*res)
     if not ranks: return None
     p,m = layer_costs(layer, method, tuple(torch.tensor(ranks).T) if method=='tucker' else torch.tensor(ranks), shapes)
-    ok = (p < p0) & (m < m0) if shapes else p < p0
+    ok = (p < p0) & (m < m0) if shapes and m0 else p < p0   # (an embedding's lookup costs no MACs: its factors add some, and save weights)
     if not ok.any(): return None
     ranks = [x for x,k in zip(ranks, ok.tolist()) if k]
     err = calib.rank_errors(name, layer, method, ranks) if calib is not None else None

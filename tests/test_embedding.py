@@ -1,5 +1,6 @@
 """Embeddings and EmbeddingBags: exact at rank='full' for every setting kept, Eckart–Young below it, costs vs FlopCounterMode, clear
 refusals that leave the layer as it was, training, ONNX"""
+import pandas as pd
 import itertools, io, pytest, torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -143,9 +144,71 @@ def test_builder_and_shell(cls):
     frozen = cls(30, 10).requires_grad_(False)
     assert not any(p.requires_grad for p in svd(frozen, rank=3).parameters()), "factors of a frozen table stay frozen"
 
-def test_not_walked():
-    "No model walk takes embeddings yet: they are not in LAYER_METHODS"
-    assert not any(issubclass(k, EMBEDDING_KINDS) for k in LAYER_METHODS)
+# ---- in the model walk, with every rank option, budget and the calibration
+
+class Tab(nn.Module):
+    "A tabular-style model: an embedding, a bag, one with max_norm (left, with the reason), Linears"
+    def __init__(self):
+        super().__init__()
+        self.emb,self.bag,self.mx = nn.Embedding(500, 64, padding_idx=0),nn.EmbeddingBag(300, 32, mode='mean'),nn.Embedding(50, 64, max_norm=1.)
+        self.fc,self.out = nn.Linear(160, 64),nn.Linear(64, 3)
+    def forward(self, x): return self.out(torch.relu(self.fc(torch.cat([self.emb(x[:,0]), self.bag(x[:,1:4]), self.mx(x[:,4] % 50)], 1))))
+
+def tab_input(n=32): return torch.randint(0, 300, (n, 5), generator=torch.Generator().manual_seed(0))
+
+def test_walked():
+    "decompose_model takes embeddings: exact at rank='full', the max_norm one left with the reason, MACs counted"
+    from fasterai_lr.decompose import decompose_model
+    m,x = Tab().eval(),tab_input()
+    new,rep = decompose_model(m, rank='full', sample=x, quiet=True)
+    r = rep.set_index('layer')
+    assert (new(x)-m(x)).norm()/m(x).norm() < 1e-5
+    assert r.loc['emb','method']=='svd' and r.loc['bag','method']=='svd' and pd.isna(r.loc['mx','method']), r
+    assert 'max_norm' in r.loc['mx','note'] and r.loc['emb','macs']==0 and r.loc['emb','macs_after']==64*64, r
+    assert isinstance(new.emb, Factorized) and new.emb[0].padding_idx==0 and new.mx is not m.mx and type(new.mx) is nn.Embedding
+
+@pytest.mark.parametrize('rule', ['keep', 'budget', 'budget-calib', 'budget-sequential', 'vbmf', 'latency'])
+def test_walked_with_rules(rule):
+    "Each rank rule on a model with embeddings; the calibration fits the Linears and leaves the embeddings weight-only, with a note"
+    from fasterai_lr.decompose import decompose_model
+    from fasterai_lr.ranks import Budget, VBMF
+    from fasterai_lr.calibrate import Calibration
+    from fasterai_lr.latency import LatencyAware
+    m,x = Tab().eval(),tab_input()
+    rank = dict(keep=None, budget=Budget(params=0.5), vbmf=VBMF(energy=0.9), latency=LatencyAware(keep=0.5, timer=lambda mods, x: [1.]*len(mods)),
+                **{'budget-calib': Budget(params=0.5, calib=Calibration([x])), 'budget-sequential': Budget(params=0.5, calib=Calibration([x], sequential=True))})[rule]
+    new,rep = decompose_model(m, rank=rank, sample=x, quiet=True) if rank is not None else decompose_model(m, keep=0.5, sample=x, quiet=True)
+    y = new(x)
+    assert y.shape==(32, 3) and y.isfinite().all()
+    if rule.startswith('budget'): assert 0.45 <= rank.achieved <= 0.5, rank.achieved
+    if 'calib' in rule or 'sequential' in rule:
+        notes = rep.set_index('layer')['note']
+        assert all('weight-only' in notes[n] for n in ('emb','bag') if not pd.isna(rep.set_index('layer').loc[n,'method'])), notes
+
+def test_walked_plan_onnx(tmp_path):
+    "A decomposed model with embeddings: its plan reloads with equal outputs and it exports to ONNX"
+    from fasterai_lr.decompose import decompose_model
+    from fasterai_lr.export import save_decomposed, load_decomposed, to_onnx, onnx_error
+    m,x = Tab().eval(),tab_input()
+    new,_ = decompose_model(m, keep=0.5, quiet=True)
+    save_decomposed(new, tmp_path/'m.pth')
+    back = load_decomposed(Tab(), tmp_path/'m.pth').eval()
+    torch.testing.assert_close(back(x), new(x), rtol=0, atol=0)
+    assert onnx_error(to_onnx(new, x, tmp_path/'m.onnx', dynamo=False), new, x) < 1e-5
+
+def test_tied_embedding_left():
+    "An embedding tied to a Linear decoder (a language model's tie_weights) is left on both sides, with the reason: never untied"
+    from fasterai_lr.decompose import decompose_model
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__(); self.enc,self.mid,self.dec = nn.Embedding(100, 16),nn.Linear(16, 16),nn.Linear(16, 100)
+            self.dec.weight = self.enc.weight
+        def forward(self, x): return self.dec(torch.relu(self.mid(self.enc(x))))
+    m,x = LM().eval(),torch.randint(0, 100, (4, 7))
+    new,rep = decompose_model(m, keep=0.5, head=True, quiet=True)
+    r = rep.set_index('layer')
+    assert pd.isna(r.loc['enc','method']) and pd.isna(r.loc['dec','method']) and 'tied to' in r.loc['enc','note'], r
+    assert new.dec.weight is new.enc.weight, "the tie was broken"
 
 # ---- refusals, each leaving the layer as it was
 
