@@ -13,11 +13,12 @@ from .core import *
 from .core import _is_int, _is_real, _py
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'check_layer', 'kernel',
-           'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd',
-           'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder', 'check_embedding', 'embedding_shell',
-           'embedding_svd', 'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs',
-           'FactorizedMHA', 'attention_svd']
+__all__ = ['RANK_OPTIONS', 'EQUIVALENTS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'equivalent',
+           'check_layer', 'kernel', 'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell',
+           'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder',
+           'same_padding', 'pad_same', 'SameConv2d', 'check_embedding', 'embedding_shell', 'embedding_svd',
+           'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs', 'FactorizedMHA',
+           'attention_svd']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -42,29 +43,43 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
     if opt in ('keep','energy') and not 0 < v <= 1: raise ValueError(f"{at}{opt}={v} is outside (0, 1]; pass {want}, e.g. {opt}=0.5")
     return opt, v
 
+# %% ../nbs/02_layers.ipynb #5b1e7a42
+EQUIVALENTS = {}   # (package, class name): layer → the plain layer computing the same; the entries: "Layers that only reshape", below
+
+def equivalent(layer:nn.Module)->nn.Module|None:
+    """The plain `nn.Conv2d`/`nn.Linear` (a `SameConv2d` for a 'same' padding that depends on the input size) that computes what `layer`
+    computes, holding copies of its effective weights, if `layer`'s class is in `EQUIVALENTS`; else None. A block made from it holds the
+    effective weights: it computes the same function, but weight standardization no longer runs when it is fine-tuned"""
+    cls = type(layer)   # matched by name: timm and transformers are not dependencies
+    f = EQUIVALENTS.get((cls.__module__.partition('.')[0], cls.__name__))
+    return None if f is None else f(layer)
+
+def _plain(layer): return layer if (e := equivalent(layer)) is None else e
+
 # %% ../nbs/02_layers.ipynb #da533ca8
 def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='', settings:bool=True)->None:
     "A clear error unless `layer` is a float `kind` layer (a class or a tuple) with finite weights (and, if `settings`, ones a block keeps)"
     at,kinds = name or type(layer).__name__, kind if isinstance(kind, tuple) else (kind,)
     if 'quantized' in type(layer).__module__:
         raise TypeError(f"{at} is a quantized {type(layer).__name__}; decompose the float model first, then quantize it")
-    if not isinstance(layer, kinds):
-        alt = "FC_Decomposer().SVD" if isinstance(layer, nn.Linear) else None
-        alt = "Conv_Decomposer()'s methods" if isinstance(layer, CONV_KINDS) else alt
-        alt = "Embedding_Decomposer().SVD" if isinstance(layer, EMBEDDING_KINDS) else alt
-        alt = "Attention_Decomposer().SVD" if isinstance(layer, nn.MultiheadAttention) else alt
+    if not isinstance(layer, kinds) and not isinstance(like := _plain(layer), kinds):   # (transformers' Conv1D: a Linear, `equivalent`)
+        alt = "FC_Decomposer().SVD" if isinstance(like, nn.Linear) else None
+        alt = "Conv_Decomposer()'s methods" if isinstance(like, CONV_KINDS) else alt
+        alt = "Embedding_Decomposer().SVD" if isinstance(like, EMBEDDING_KINDS) else alt
+        alt = "Attention_Decomposer().SVD" if isinstance(like, nn.MultiheadAttention) else alt
         what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
         raise TypeError(f"{call or 'this method'} takes an {what}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
     w = layer.weight
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
-    if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
+    if not all_finite(kernel(layer)): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
     if settings and isinstance(layer, EMBEDDING_KINDS): check_embedding(layer, at)   # settings a factorization cannot keep
 
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
     """The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too;
-    an embedding's V×d weight is the d×V Linear of a one-hot index)"""
+    an embedding's V×d weight is the d×V Linear of a one-hot index; a layer in `EQUIVALENTS`: its effective kernel)"""
+    layer = _plain(layer)
     w = layer.weight.detach()
     if isinstance(layer, nn.Linear): return w[None,:,:,None,None]
     if isinstance(layer, EMBEDDING_KINDS): return w.T[None,:,:,None,None]
@@ -125,10 +140,12 @@ def factor_conv(conv:nn.Module, cin:int, cout:int, axes=None, groups:int|None=No
     "A conv of `conv`'s kind `cin`→`cout` with its kernel, stride, padding, dilation, output padding on `axes` (None: all), 1 elsewhere"
     n = len(conv.kernel_size)
     axes = range(n) if axes is None else axes
+    # a conv that pads at each call from its own kernel, stride, dilation (`SameConv2d`) gives its class to the factors that carry a kernel
+    kind = type(conv) if axes and getattr(conv, 'dynamic_padding', False) else _KINDS[conv.transposed, n]
     pick = lambda v,one: tuple(v[i] if i in axes else one for i in range(n))
     pad = (conv.padding if axes else 0) if isinstance(conv.padding, str) else pick(conv.padding, 0)
     out_pad = dict(output_padding=pick(conv.output_padding, 0)) if conv.transposed else {}
-    return nn.utils.skip_init(_KINDS[conv.transposed, n], cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad,   # uninitialised
+    return nn.utils.skip_init(kind, cin, cout, pick(conv.kernel_size,1), pick(conv.stride,1), pad,   # uninitialised
                               dilation=pick(conv.dilation,1), groups=groups or conv.groups, bias=bias, dtype=conv.weight.dtype,
                               padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, **out_pad)
 
@@ -140,6 +157,7 @@ def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
     """The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, random weights (`init`) or none
     set"""
     if isinstance(layer, EMBEDDING_KINDS): return embedding_shell(layer, method, rank, init)
+    src,layer = _src(layer),_plain(layer)   # a layer in `EQUIVALENTS`: the block of the plain layer it computes
     b = layer.bias is not None
     if isinstance(layer, nn.Linear):
         kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
@@ -154,7 +172,7 @@ def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
     for l in fs:
         if init: l.reset_parameters()                          # (made uninitialised: the builders overwrite every weight)
         l.requires_grad_(layer.weight.requires_grad)           # factors train if the weights they replace did
-    return Factorized(*fs, method=method, rank=rank, source=_src(layer))
+    return Factorized(*fs, method=method, rank=rank, source=src)
 
 def as_weight(layer:nn.Module, K:Tensor)->Tensor:
     "Per-group kernels K (G×O×I×k…, or any shape holding them in that order) as `layer`'s weight: the inverse of `kernel`"
@@ -202,9 +220,66 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 
 
 def builder(layer:nn.Module, method:str):
-    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear, `embedding_svd` for an embedding)"
+    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and transformers' Conv1D, `embedding_svd` for an embedding)"
     if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
-    return linear_svd if isinstance(layer, nn.Linear) else BUILDERS[method]
+    return linear_svd if isinstance(_plain(layer), nn.Linear) else BUILDERS[method]
+
+# %% ../nbs/02_layers.ipynb #a3c51e07
+def same_padding(size, k:int, s:int, d:int):
+    "Total TF 'same' padding of an axis of `size` (an int, or a tensor when traced) for kernel size `k`, stride `s`, dilation `d`"
+    # timm.layers.padding.get_same_padding, formula for formula: max((⌈x/s⌉ - 1)·s + (k - 1)·d + 1 - x, 0)
+    if isinstance(size, Tensor): return torch.clamp(((size / s).ceil() - 1) * s + (k - 1) * d + 1 - size, min=0)
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+def pad_same(x:Tensor, kernel_size, stride, dilation)->Tensor:
+    "`x` (…×H×W) zero-padded for a TF 'same' conv: half of each axis' padding before, the rest (one more when odd) after"
+    ph,pw = (same_padding(n, k, s, d) for n,k,s,d in zip(x.shape[-2:], kernel_size, stride, dilation))
+    return nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))   # timm.layers.padding.pad_same
+
+class SameConv2d(nn.Conv2d):
+    """A Conv2d built with padding 0 that pads each input like TF's 'same' (timm's `pad_same`) first: the padding depends on the input's
+    size when the stride is above 1 or (k-1)·d is odd"""
+    dynamic_padding = True   # (`factor_conv`: the factors that carry a kernel are SameConv2d too, and pad for their own kernel)
+    def forward(self, x:Tensor)->Tensor: return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
+
+# %% ../nbs/02_layers.ipynb #b8d2f614
+def _plain_conv(conv:nn.Conv2d, W:Tensor, same:bool=False)->nn.Conv2d:
+    """A Conv2d of `conv`'s geometry holding copies of W and its bias, zero-padded as `conv` pads (`same`: TF's 'same', by a `SameConv2d`
+    where it depends on the input's size)"""
+    k,s,d = conv.kernel_size,conv.stride,conv.dilation
+    fixed = all(si==1 and (ki-1)*di % 2==0 for ki,si,di in zip(k, s, d))   # 'same' of stride 1, even (k-1)·d: (k-1)·d/2 on each side
+    kind,pad = (SameConv2d, 0) if same and not fixed else (nn.Conv2d, tuple((ki-1)*di//2 for ki,di in zip(k, d)) if same else conv.padding)
+    # padding_mode 'zeros': timm's forwards call F.conv2d (or F.pad), which pad with zeros whatever the layer's padding_mode
+    out = nn.utils.skip_init(kind, conv.in_channels, conv.out_channels, k, s, pad, d, conv.groups, conv.bias is not None,
+                             device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        out.weight.copy_(W)
+        if conv.bias is not None: out.bias.copy_(conv.bias)
+    return out.requires_grad_(conv.weight.requires_grad)
+
+def _standardized(conv:nn.Conv2d, gain:Tensor|None=None)->Tensor:
+    "timm's weight standardization of `conv`'s weight, as its forward computes it: each filter to mean 0, variance 1 (+ eps), × `gain`"
+    w = conv.weight.detach()
+    return nn.functional.batch_norm(w.reshape(1, conv.out_channels, -1), None, None, weight=gain, training=True, momentum=0.,
+                                    eps=conv.eps).reshape_as(w)
+
+def _scaled(conv:nn.Conv2d)->Tensor: return _standardized(conv, (conv.gain.detach()*conv.scale).view(-1))   # ScaledStdConv2d's
+
+def _conv1d_linear(c:nn.Module)->nn.Linear:
+    "transformers' `Conv1D` (y = x·W + b, W: in×out) as the Linear of weight Wᵀ"
+    lin = nn.utils.skip_init(nn.Linear, c.nx, c.nf, bias=c.bias is not None, device=c.weight.device, dtype=c.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(c.weight.T)
+        if c.bias is not None: lin.bias.copy_(c.bias)
+    return lin.requires_grad_(c.weight.requires_grad)
+
+EQUIVALENTS.update({
+    ('timm', 'Conv2dSame'): lambda c: _plain_conv(c, c.weight.detach(), same=True),   # pad_same at every call, then padding 0
+    ('timm', 'StdConv2d'): lambda c: _plain_conv(c, _standardized(c)),
+    ('timm', 'StdConv2dSame'): lambda c: _plain_conv(c, _standardized(c), same=c.same_pad),           # (same_pad False: a fixed padding)
+    ('timm', 'ScaledStdConv2d'): lambda c: _plain_conv(c, _scaled(c)),
+    ('timm', 'ScaledStdConv2dSame'): lambda c: _plain_conv(c, _scaled(c), same=c.same_pad),
+    ('transformers', 'Conv1D'): _conv1d_linear})
 
 # %% ../nbs/02_layers.ipynb #e3b8d0f6
 def _embedding_method(emb:nn.Module, method:str):
