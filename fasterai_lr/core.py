@@ -16,11 +16,11 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'LAYER_METHODS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag',
-           'FactorizedModule', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'sample_input',
-           'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'under', 'module_paths',
-           'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors',
-           'flat_outputs', 'time_calls']
+__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'LAYER_METHODS', 'EQUIVALENTS', 'HEAD_NOTE', 'Factorized',
+           'FactorizedBag', 'FactorizedModule', 'equivalent', 'layer_kind', 'kind_names', 'layer_method',
+           'check_number', 'placement', 'sample_input', 'random_batch', 'to_model', 'describe_inputs', 'evaluating',
+           'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs',
+           'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -55,10 +55,23 @@ CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTransp
 EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight
 LAYER_METHODS = {nn.Linear: ('svd',),   # kind of layer: the methods it takes (a 1-D conv: no spatial split)
                  **{k: tuple(m for m in METHODS if m!='spatial' or k not in (nn.Conv1d, nn.ConvTranspose1d)) for k in CONV_KINDS},
-                 **{k: ('svd',) for k in EMBEDDING_KINDS}}
+                 **{k: ('svd',) for k in EMBEDDING_KINDS}, nn.MultiheadAttention: ('svd',)}
+
+EQUIVALENTS = {}   # (package, class name): layer → the plain layer computing the same; filled by layers ("Layers that only reshape")
+
+def equivalent(layer:nn.Module)->nn.Module|None:
+    """The plain `nn.Conv2d`/`nn.Linear` (a `SameConv2d` for a 'same' padding that depends on the input size) that computes what `layer`
+    computes, holding copies of its effective weights, if `layer`'s class is in `EQUIVALENTS`; else None. A block made from it holds the
+    effective weights: it computes the same function, but weight standardization no longer runs when it is fine-tuned"""
+    cls = type(layer)   # matched by name: timm and transformers are not dependencies
+    f = EQUIVALENTS.get((cls.__module__.partition('.')[0], cls.__name__))
+    return None if f is None else f(layer)
+
+def _plain(layer): return layer if (e := equivalent(layer)) is None else e
 
 def layer_kind(layer:nn.Module)->type|None:
-    "The kind of layer (a key of `LAYER_METHODS`) that `layer` is, or None"
+    "The kind of layer (a key of `LAYER_METHODS`) that `layer` is (a layer in `EQUIVALENTS`: its plain layer's), or None"
+    layer = layer if isinstance(layer, tuple(LAYER_METHODS)) else _plain(layer)
     return next((k for k in LAYER_METHODS if isinstance(layer, k)), None)
 
 def kind_names(kinds)->tuple[str,str]:
@@ -72,7 +85,8 @@ def kind_names(kinds)->tuple[str,str]:
 def layer_method(layer:nn.Module, method:str)->str:
     "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear, embedding, 1×1 conv, 1-D conv's spatial"
     # nothing spatial to split in a 1×1; a 1-D conv's one spatial dim: its channel SVD is the split
-    if isinstance(layer, (nn.Linear, *EMBEDDING_KINDS)) or all(k==1 for k in layer.kernel_size): return 'svd'
+    kind,layer = layer_kind(layer),_plain(layer)
+    if kind is None or not issubclass(kind, CONV_KINDS) or all(k==1 for k in layer.kernel_size): return 'svd'
     return 'svd' if method=='spatial' and len(layer.kernel_size)==1 else method
 
 # %% ../nbs/01_core.ipynb #8e01de16
@@ -162,7 +176,7 @@ def output_layer(model:nn.Module)->str|None:
     "Name of `model`'s output layer: the last Linear or convolution it registers (None when there is none, or it is already decomposed)"
     mods = dict(model.named_modules())
     last = next((k for k in reversed(mods) if isinstance(mods[k], (nn.Linear, *CONV_KINDS))), None)   # (an embedding is an input)
-    return None if last is None or under(last, [k for k,m in mods.items() if isinstance(m, Factorized)]) else last
+    return None if last is None or under(last, [k for k,m in mods.items() if isinstance(m, DECOMPOSED)]) else last
 
 HEAD_NOTE = "the model's output layer: kept (it costs the most accuracy for the least saving); pass head=True, or name it in layers=, to decompose it"
 
@@ -182,6 +196,11 @@ def _check_names(every:dict, mods:dict, kinds:tuple, layers, exclude):
         if not any(under(k, [n]) and isinstance(m, kinds) for k,m in every.items()):
             raise ValueError(f"{n!r} is a {type(every[n]).__name__} with no {what} in it{nor}; pass names of {what} layers or of modules holding them")
 
+def _of_kind(m:nn.Module, kinds:tuple)->bool:
+    "`m` is one of `kinds`, or a layer in `EQUIVALENTS` whose plain layer is"
+    key = (type(m).__module__.partition('.')[0], type(m).__name__)
+    return isinstance(m, kinds) or key in EQUIVALENTS and isinstance(_plain(m), kinds)
+
 def select_layers(model:nn.Module,
                   kinds,              # the layer class, or a tuple of them
                   layers=None,        # names of layers, or of modules holding them, to take (all if None)
@@ -193,11 +212,12 @@ def select_layers(model:nn.Module,
     mods,kinds = dict(model.named_modules()),tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
     every,paths = dict(model.named_modules(remove_duplicate=False)),module_paths(model)   # (a module used at two places has two names)
     _check_names(every, mods, kinds, layers, exclude)
-    done,out = [k for k,m in mods.items() if isinstance(m, Factorized)],keeps_head(model, head, layers)   # decomposed: its factors stay
+    done,out = [k for k,m in mods.items() if isinstance(m, DECOMPOSED)],keeps_head(model, head, layers)   # decomposed: its factors stay
     names = lambda k: paths.get(k, [k])
     taken = lambda k: (layers is None or any(under(a, layers) for a in names(k))) and not any(under(a, exclude) for a in names(k))
     left = lambda k,m: under(k, done) or k==out or skip is not None and skip(k, m, mods)
-    return [(k,m) for k,m in mods.items() if isinstance(m, kinds) and taken(k) and not left(k, m)]
+    sel = [(k,m) for k,m in mods.items() if _of_kind(m, kinds) and taken(k) and not left(k, m)]
+    return [(k,m) for k,m in sel if not any(under(k, [o]) and k!=o for o,_ in sel)]   # a layer inside another (attention's out_proj): its
 
 # %% ../nbs/01_core.ipynb #73276fb5
 def as_inputs(batch, n_inp:int=1)->tuple[tuple,dict]:

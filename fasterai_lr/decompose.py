@@ -16,16 +16,16 @@ from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 from .factorize import *
 from .core import *
-from .core import _is_int
+from .core import _is_int, _plain
 from .layers import *
 from .layers import _src
 
 # %% auto #0
-__all__ = ['HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer', 'Attention_Decomposer',
-           'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups',
-           'tied_block', 'watching_reads', 'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates',
-           'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen', 'choices', 'swap',
-           'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
+__all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer',
+           'Attention_Decomposer', 'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason',
+           'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe', 'read_reason', 'move_hooks',
+           'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen',
+           'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -81,7 +81,8 @@ def _sizes(shape, nd:int)->tuple:
 def layer_shapes(model:nn.Module, sample, names)->dict:
     "(input shape, output shape, calls) of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
     x,shapes,mods = sample_input(model, sample),{},dict(model.named_modules())
-    def seen(n, i, o): shapes[n] = (tuple(i[0].shape), tuple(o.shape), shapes.get(n, (0,0,0))[2]+1)   # a module used twice runs twice
+    def seen(n, i, o):   # a module used twice runs twice; attention gives (output, weights)
+        shapes[n] = (tuple(i[0].shape), tuple((o[0] if isinstance(o, tuple) else o).shape), shapes.get(n, (0,0,0))[2]+1)
     hooks = [mods[n].register_forward_hook(lambda m,i,o,n=n: seen(n, i, o)) for n in names]
     try:
         with evaluating(model), torch.no_grad(): model(x)
@@ -93,6 +94,10 @@ def layer_shapes(model:nn.Module, sample, names)->dict:
 
 def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->tuple[int,int|None]:
     "(parameters, multiply-adds per sample or None without `shapes`) of `layer`'s weights, or of its `method` factorization at `rank`"
+    if isinstance(layer, nn.MultiheadAttention):   # L queries a sample (self-attention: over L keys)
+        L = (shapes[0][-2] if layer.batch_first or len(shapes[0])==2 else shapes[0][0]) if shapes else 1
+        p,m = attention_costs(layer.embed_dim, layer.kdim, layer.vdim, rank if method else None, L)
+        return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
     K = kernel(layer)
     (G,O,I,*ks),nd = K.shape, K.ndim-3
     lin,emb = isinstance(layer, nn.Linear),isinstance(layer, EMBEDDING_KINDS)
@@ -143,13 +148,17 @@ def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)-
 
 def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     "Why `layer` (called `name` in a model whose `named_modules()` are `parents`) must stay as it is, or None"
-    if type(layer).forward is not layer_kind(layer).forward: return f"{type(layer).__name__} has its own forward"
+    like = _plain(layer)   # a layer that only reshapes (`EQUIVALENTS`): the plain layer it computes
+    if like is layer and type(layer).forward is not layer_kind(layer).forward: return f"{type(layer).__name__} has its own forward"
     if by := source_reader(name, layer, parents): return f"read directly by {by}"
+    if isinstance(layer, nn.MultiheadAttention):
+        try: check_attention(layer, name)
+        except (TypeError, ValueError) as e: return str(e).replace(f"{name} was built", "it was built", 1)
     if isinstance(layer, EMBEDDING_KINDS):
         try: check_embedding(layer)
         except ValueError as e: return str(e).replace(f"{type(layer).__name__} has", "it has", 1)
-    if isinstance(layer, CONV_KINDS) and layer.in_channels//layer.groups == 1:
-        if layer.groups > 1: return "depthwise: one input channel per group, nothing to factorize"
+    if isinstance(like, CONV_KINDS) and like.in_channels//like.groups == 1:
+        if like.groups > 1: return "depthwise: one input channel per group, nothing to factorize"
         return "one input channel: a few filters, too small to factorize"
 
 # %% ../nbs/03_decompose.ipynb #5d7e0c21
@@ -188,12 +197,15 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
     return new
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3
+SAME_CALL = (nn.MultiheadAttention, nn.EmbeddingBag)   # layers whose blocks take every argument they take (query, key, value, masks; offsets)
+
 def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
     """`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code; or (None, what) a call that passes
     more than the input (a transposed conv's `output_size`)"""
     class Watched(cls):
         def forward(self, *args, **kw):
-            if len(args) > 1 or kw: seen.setdefault(name, (None, ', '.join(f'{k}=' for k in kw) or 'a second argument'))
+            if (len(args) > 1 or kw) and not issubclass(cls, SAME_CALL):
+                seen.setdefault(name, (None, ', '.join(f'{k}=' for k in kw) or 'a second argument'))
             self.__dict__['_own'] = True
             try: return super().forward(*args, **kw)
             finally: self.__dict__['_own'] = False
@@ -265,8 +277,10 @@ def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, e
     would factorize, outside `Factorized` blocks"""
     if method not in ('auto',)+Conv_Decomposer.methods: raise ValueError(f"unknown method {method!r}; pass {', '.join(map(repr, Conv_Decomposer.methods))} or 'auto'")
     todo = select_layers(model, tuple(LAYER_METHODS), layers, exclude, head=head)
-    for n,m in todo: check_layer(m, layer_kind(m), n, settings=False)   # (settings a block cannot keep: `skip_reason`)
-    return screen(model, todo, None, method, sample, calib)[1]   # the layers `decompose_model` leaves (tied, read, ...) left out
+    for n,m in todo:   # (settings a block cannot keep, and attention: `skip_reason`)
+        if not isinstance(m, nn.MultiheadAttention): check_layer(m, layer_kind(m), n, settings=False)
+    cands = screen(model, todo, None, method, sample, calib)[1]
+    return [c for c in cands if not isinstance(c[1], nn.MultiheadAttention)]   # (attention: the rank options, not yet the budgets)   # the layers `decompose_model` leaves (tied, read, ...) left out
 
 class ModelBudget(RankRule):
     """A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and
@@ -371,7 +385,7 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
 # %% ../nbs/03_decompose.ipynb #6f1e2a02
 def _all_done(new, todo, out, w)->bool:
     "True, with a warning, when every layer asked for is decomposed already; an error when the model has none to decompose"
-    (what,nor),done = kind_names(w.kinds),any(isinstance(m, Factorized) for m in new.modules())
+    (what,nor),done = kind_names(w.kinds),any(isinstance(m, DECOMPOSED) for m in new.modules())
     if todo and done and all(n==out for n,_ in todo):
         warnings.warn(f"every {what} layer but the output layer {out!r} (kept: pass head=True to decompose it) is already decomposed; the model is returned as it was")
         return True
@@ -389,7 +403,8 @@ def selected(model:nn.Module, w:SimpleNamespace, head:bool=False)->tuple[nn.Modu
     new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if _all_done(new, todo, out, w): return new, None, out
-    for n,m in todo: check_layer(m, layer_kind(m), n, settings=False)   # (settings a block cannot keep: `skip_reason`)
+    for n,m in todo:   # (settings a block cannot keep, and attention: `skip_reason`)
+        if not isinstance(m, nn.MultiheadAttention): check_layer(m, layer_kind(m), n, settings=False)
     return new, todo, out
 
 def _unshared(new:nn.Module, model:nn.Module)->nn.Module:
@@ -430,19 +445,29 @@ def _at_most_full(v, layer, method, name=''):
 
 def _check_model_rank(v, cands):
     "A whole-model rank that is at or above every layer's full rank decomposes nothing: say so"
+    cands = [c for c in cands if not isinstance(c[1], nn.MultiheadAttention)]   # (an attention's projections: capped in its choice)
     fulls = {n: layer_full_ranks(m)[meth] for n,m,meth,_ in cands}
     if fulls and v!='full' and all(_at_most_full(v, m, meth, n)==fulls[n] for n,m,meth,_ in cands):
         raise ValueError(f"rank={v} is above the full rank of every layer ({', '.join(f'{n}: {f}' for n,f in fulls.items())}); pass a smaller rank, or keep=")
 
 def _layer_choice(n, m, meth, plan, opt, v, methods):
     "(method, rank) for candidate layer `n` from the rank `plan` or the rank option `opt`=`v`; (None, note) where the plan leaves it"
+    if isinstance(m, nn.MultiheadAttention): return _attention_choice(n, m, plan, opt, v)
     if plan is None: return meth, layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n)
     if plan.get(n) is None: return None, 'not in the rank plan'
     if isinstance(plan[n], tuple) and isinstance(plan[n][0], str):   # (method, rank): this layer's own method
-        meth = 'svd' if isinstance(m, nn.Linear) else plan[n][0]
+        meth = 'svd' if LAYER_METHODS[layer_kind(m)]==('svd',) else plan[n][0]
         if meth not in methods: raise ValueError(f"{n}: unknown method {meth!r} in the rank plan; pass one of {', '.join(map(repr, methods))}")
     elif meth=='auto': raise ValueError(f"{n}: the rank plan gives a rank but no method; {AUTO}")
     return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
+
+def _attention_choice(n, m, plan, opt, v):
+    "('svd', {projection: rank}) for attention `n` from the plan or the rank option (a model's one rank: at most each projection's full rank)"
+    if plan is not None:
+        if plan.get(n) is None: return None, 'not in the rank plan'
+        opt,v = 'rank',_plan_rank(plan[n])
+    if opt=='rank' and _is_int(v): v = min(v, m.embed_dim, m.kdim, m.vdim)
+    return 'svd', attention_ranks(m, **{opt: v}, name=n)
 
 def _svd_note(layer, meth:str, method:str)->str:
     "The report's note where a conv gets SVD rather than the walk's `method`: a 1×1 one, or a 1-D one asked for its spatial split"
@@ -488,6 +513,8 @@ def swap(new:nn.Module, items:list, built:dict, follow:dict, rows:dict, shapes:d
         for a in paths.get(n, [n]): new.set_submodule(a, blk)
         rows[n]['rank'] = blk.rank
         _note(rows[n], move_hooks(m, blk), f"used at {', '.join(paths[n])}: one block at each" if n in paths else '')
+    for e in new.modules():   # its nested-tensor fast path reads the packed weights a factorized attention no longer has
+        if isinstance(e, nn.TransformerEncoder) and any(isinstance(a, FactorizedModule) for a in e.modules()): e.use_nested_tensor = False
 
 REPORT = ['layer','source','method','rank','params','params_after','macs','macs_after','note']   # the report's columns
 

@@ -22,14 +22,16 @@ __all__ = ['PLAN_FORMAT', 'PLAN_VERSION', 'decomposition_plan', 'check_plan', 'a
 # version 2: an entry may name the layer whose factors it shares ('tied'); a plan without ties is written as version 1
 PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 2
 
-def _rank_json(r): return [int(x) for x in r] if isinstance(r, (tuple, list)) else int(r)
+def _rank_json(r): return {k: int(x) for k,x in r.items()} if isinstance(r, dict) else [int(x) for x in r] if isinstance(r, (tuple, list)) else int(r)
 
 def decomposition_plan(model:nn.Module)->dict:
     """Which layers of `model` (or of the model a DDP/DataParallel wraps) are `Factorized`, by which method, at which rank: a versioned,
     JSON-able dict"""
-    layers,owner = {},{}
+    layers,owner,whole = {},{},[]
     for n,m in unwrap(model).named_modules():
-        if not isinstance(m, Factorized): continue
+        if not isinstance(m, DECOMPOSED) or under(n, whole): continue   # (a factorized attention's factors: in its entry)
+        if isinstance(m, FactorizedModule):
+            layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source); whole.append(n); continue
         layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source)
         if (leader := owner.setdefault(id(m[0].weight), n)) != n: layers[n]['tied'] = leader   # tied layers: one factor pair, the leader's
     return dict(format=PLAN_FORMAT, version=2 if any('tied' in e for e in layers.values()) else 1, layers=layers)
@@ -40,6 +42,9 @@ def _check_spec(name, spec)->tuple[str,object]:
     if not isinstance(spec, dict) or not {'method','rank'} <= spec.keys():
         raise ValueError(f"plan entry {name!r} is {spec!r}; each entry is a dict with 'method', 'rank' and 'source'")
     m,r = spec['method'], spec['rank']
+    if isinstance(r, dict):   # an attention's {projection: rank}
+        if m=='svd' and r.keys() <= set(PROJECTIONS) and all(isinstance(x, int) and not isinstance(x, bool) and x>0 for x in r.values()): return m, r
+        raise ValueError(f"plan entry {name!r}: an attention's rank is {{projection: positive int}} for {', '.join(PROJECTIONS)} by 'svd', got {r!r}")
     pair = isinstance(r, (list, tuple)) and len(r)==2 and all(isinstance(x, int) and not isinstance(x, bool) and x>0 for x in r)
     if m=='tucker' and not pair: raise ValueError(f"plan entry {name!r}: Tucker's rank is a pair [r_out, r_in] of positive ints, got {r!r}")
     if m!='tucker' and not (isinstance(r, int) and not isinstance(r, bool) and r>0):
@@ -65,6 +70,7 @@ def _planned_layer(model, name, spec, method, rank)->nn.Module:
     if spec.get('source') and spec['source']!=_src(layer):
         raise ValueError(f"the plan's {name!r} was {spec['source']}, but the model's is {_src(layer)}; apply the plan to the architecture (and size) it was made from")
     if method not in LAYER_METHODS[kind]: raise ValueError(f"plan entry {name!r}: unknown method {method!r} for a {kind.__name__}; it takes {', '.join(LAYER_METHODS[kind])}")
+    if isinstance(layer, nn.MultiheadAttention): return layer   # (attention_svd checks its ranks)
     full = layer_full_ranks(layer)[method]
     if (any(a>f for a,f in zip(rank, full)) if method=='tucker' else rank>full):
         raise ValueError(f"plan entry {name!r}: rank {rank} is above the full rank {full} of {method} for {_src(layer)}")
@@ -79,7 +85,7 @@ def apply_plan(model:nn.Module, plan:dict)->nn.Module:
     for n,(m,r) in layers.items():  # in the plan's order: a block decomposed twice comes after the block holding it
         layer,leader = _planned_layer(new, n, plan['layers'][n], m, r),plan['layers'][n].get('tied')
         if leader is not None and leader not in made: raise ValueError(f"plan entry {n!r} is tied to {leader!r}, which the plan does not decompose before it")
-        blk = shell(layer, m, r) if leader is None else tied_block(made[leader][0], layer, made[leader][1])   # (the leader's block and layer)
+        blk = attention_svd(layer, r) if isinstance(layer, nn.MultiheadAttention) else shell(layer, m, r) if leader is None else tied_block(made[leader][0], layer, made[leader][1])   # (the leader's block and layer)
         made[n] = blk,layer
         for a in paths.get(n, [n]): new.set_submodule(a, blk)   # a module used at several places: the one block at each
     return new

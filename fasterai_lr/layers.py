@@ -10,15 +10,14 @@ import math, torch
 from torch import nn, Tensor
 from .factorize import *
 from .core import *
-from .core import _is_int, _is_real, _py
+from .core import _is_int, _is_real, _py, _plain
 
 # %% auto #0
-__all__ = ['RANK_OPTIONS', 'EQUIVALENTS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'equivalent',
-           'check_layer', 'kernel', 'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell',
-           'as_weight', 'fill', 'linear_svd', 'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder',
-           'same_padding', 'pad_same', 'SameConv2d', 'check_embedding', 'embedding_shell', 'embedding_svd',
-           'component_norms', 'projections', 'check_attention', 'attention_ranks', 'attention_costs', 'FactorizedMHA',
-           'attention_svd']
+__all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_option', 'check_layer', 'kernel',
+           'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd',
+           'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder', 'same_padding', 'pad_same', 'SameConv2d',
+           'check_embedding', 'embedding_shell', 'embedding_svd', 'component_norms', 'projections', 'check_attention',
+           'attention_ranks', 'attention_costs', 'FactorizedMHA', 'attention_svd']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -42,19 +41,6 @@ def rank_option(rank=None, keep=None, percent_removed=None, energy=None, name:st
     if opt=='percent_removed' and not 0 <= v < 1: raise ValueError(f"{at}percent_removed={v} is outside [0, 1); pass {want}, e.g. percent_removed=0.5")
     if opt in ('keep','energy') and not 0 < v <= 1: raise ValueError(f"{at}{opt}={v} is outside (0, 1]; pass {want}, e.g. {opt}=0.5")
     return opt, v
-
-# %% ../nbs/02_layers.ipynb #5b1e7a42
-EQUIVALENTS = {}   # (package, class name): layer → the plain layer computing the same; the entries: "Layers that only reshape", below
-
-def equivalent(layer:nn.Module)->nn.Module|None:
-    """The plain `nn.Conv2d`/`nn.Linear` (a `SameConv2d` for a 'same' padding that depends on the input size) that computes what `layer`
-    computes, holding copies of its effective weights, if `layer`'s class is in `EQUIVALENTS`; else None. A block made from it holds the
-    effective weights: it computes the same function, but weight standardization no longer runs when it is fine-tuned"""
-    cls = type(layer)   # matched by name: timm and transformers are not dependencies
-    f = EQUIVALENTS.get((cls.__module__.partition('.')[0], cls.__name__))
-    return None if f is None else f(layer)
-
-def _plain(layer): return layer if (e := equivalent(layer)) is None else e
 
 # %% ../nbs/02_layers.ipynb #da533ca8
 def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='', settings:bool=True)->None:
@@ -150,7 +136,11 @@ def factor_conv(conv:nn.Module, cin:int, cout:int, axes=None, groups:int|None=No
                               padding_mode=conv.padding_mode if axes else 'zeros', device=conv.weight.device, **out_pad)
 
 # %% ../nbs/02_layers.ipynb #942c73fc
-def _src(layer): return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
+def _src(layer):
+    if isinstance(layer, nn.MultiheadAttention):
+        kv = f", kdim={layer.kdim}, vdim={layer.vdim}" if (layer.kdim, layer.vdim)!=(layer.embed_dim,)*2 else ''
+        return f"MultiheadAttention({layer.embed_dim}, {layer.num_heads}{kv})"
+    return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
 def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
 def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
@@ -222,6 +212,7 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 def builder(layer:nn.Module, method:str):
     "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and transformers' Conv1D, `embedding_svd` for an embedding)"
     if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
+    if isinstance(layer, nn.MultiheadAttention): return attention_svd   # its rank: {projection: rank}
     return linear_svd if isinstance(_plain(layer), nn.Linear) else BUILDERS[method]
 
 # %% ../nbs/02_layers.ipynb #a3c51e07

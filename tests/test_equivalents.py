@@ -5,6 +5,7 @@ import importlib.util, itertools, sys, pytest, torch
 from pathlib import Path
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from fasterai_lr.core import *
 from fasterai_lr.layers import *
 from fasterai_lr.decompose import FC_Decomposer, Conv_Decomposer
 
