@@ -193,7 +193,8 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
     """The block for `layer`, whose weight is tied to `leader`'s: `blk` (the leader's block) with the same factor weights and `layer`'s own
     bias"""
     new = copy.deepcopy(blk, {id(p): p for p in blk.parameters()})
-    new[-1].bias = blk[-1].bias if layer.bias is not None and layer.bias is leader.bias else layer.bias
+    b = getattr(layer, 'bias', None)   # (an embedding has none)
+    new[-1].bias = blk[-1].bias if b is not None and b is getattr(leader, 'bias', None) else b
     return new
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3

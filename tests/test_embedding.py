@@ -299,3 +299,17 @@ def test_onnx_bag(mode):
     blk,flat,offsets = svd(bag, rank=5),torch.randint(0, 40, (11,)),torch.tensor([0, 4, 7])
     y = _onnx_outputs(blk, (flat, offsets), ['flat', 'offsets'])
     assert relerr(y, blk(flat, offsets).detach()) <= 1e-6, "onnxruntime differs from PyTorch"
+
+def test_tied_embeddings_share_factors():
+    "Two embeddings holding one weight (T5's shared token table): one factor pair for both, the tie kept, exact at full rank"
+    from fasterai_lr.decompose import decompose_model
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__(); self.enc,self.dec,self.out = nn.Embedding(60, 16),nn.Embedding(60, 16),nn.Linear(16, 3)
+            self.dec.weight = self.enc.weight
+        def forward(self, x): return self.out(self.enc(x) + self.dec(x.flip(-1)))
+    m,x = Shared().eval(),torch.randint(0, 60, (4, 9))
+    new,rep = decompose_model(m, rank='full', quiet=True)
+    assert ((new(x)-m(x)).norm()/m(x).norm()).item() < 1e-5
+    assert new.dec[0].weight is new.enc[0].weight and new.dec[1].weight is new.enc[1].weight, "the tied tables no longer share factors"
+    assert 'tied to enc' in rep.set_index('layer').loc['dec', 'note'], rep
