@@ -83,7 +83,7 @@ def kind_names(kinds)->tuple[str,str]:
     return ' or '.join(main), (f", nor any {', '.join(rest)}" if rest else '')
 
 def layer_method(layer:nn.Module, method:str)->str:
-    "The method `layer` is factorized by when a model's convolutions get `method`: SVD for a Linear, embedding, 1×1 conv, 1-D conv's spatial"
+    "The method `layer` is factorized by when a model's convs get `method`: SVD for a Linear, embedding, 1×1 conv, 1-D conv's spatial"
     # nothing spatial to split in a 1×1; a 1-D conv's one spatial dim: its channel SVD is the split
     kind,layer = layer_kind(layer),_plain(layer)
     if kind is None or not issubclass(kind, CONV_KINDS) or all(k==1 for k in layer.kernel_size): return 'svd'

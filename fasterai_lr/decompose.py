@@ -198,7 +198,7 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
     return new
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3
-SAME_CALL = (nn.MultiheadAttention, nn.EmbeddingBag)   # layers whose blocks take every argument they take (query, key, value, masks; offsets)
+SAME_CALL = (nn.MultiheadAttention, nn.EmbeddingBag)   # layers whose blocks take all they take (query, key, value, masks; offsets)
 
 def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
     """`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code; or (None, what) a call that passes
@@ -281,7 +281,8 @@ def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, e
     for n,m in todo:   # (settings a block cannot keep, and attention: `skip_reason`)
         if not isinstance(m, nn.MultiheadAttention): check_layer(m, layer_kind(m), n, settings=False)
     cands = screen(model, todo, None, method, sample, calib)[1]
-    return [c for c in cands if not isinstance(c[1], nn.MultiheadAttention)]   # (attention: the rank options, not yet the budgets)   # the layers `decompose_model` leaves (tied, read, ...) left out
+    # the layers `decompose_model` leaves (tied, read, ...) are left out; attention too (the rank options take it, not yet the budgets)
+    return [c for c in cands if not isinstance(c[1], nn.MultiheadAttention)]
 
 class ModelBudget(RankRule):
     """A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and
@@ -463,7 +464,7 @@ def _layer_choice(n, m, meth, plan, opt, v, methods):
     return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
 
 def _attention_choice(n, m, plan, opt, v):
-    "('svd', {projection: rank}) for attention `n` from the plan or the rank option (a model's one rank: at most each projection's full rank)"
+    "('svd', {projection: rank}) for attention `n` from the plan or the rank option (a model's one rank: at most each projection's)"
     if plan is not None:
         if plan.get(n) is None: return None, 'not in the rank plan'
         opt,v = 'rank',_plan_rank(plan[n])

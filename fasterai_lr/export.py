@@ -22,7 +22,9 @@ __all__ = ['PLAN_FORMAT', 'PLAN_VERSION', 'decomposition_plan', 'check_plan', 'a
 # version 2: an entry may name the layer whose factors it shares ('tied'); a plan without ties is written as version 1
 PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 2
 
-def _rank_json(r): return {k: int(x) for k,x in r.items()} if isinstance(r, dict) else [int(x) for x in r] if isinstance(r, (tuple, list)) else int(r)
+def _rank_json(r):
+    if isinstance(r, dict): return {k: int(x) for k,x in r.items()}   # an attention's {projection: rank}
+    return [int(x) for x in r] if isinstance(r, (tuple, list)) else int(r)
 
 def decomposition_plan(model:nn.Module)->dict:
     """Which layers of `model` (or of the model a DDP/DataParallel wraps) are `Factorized`, by which method, at which rank: a versioned,
@@ -43,7 +45,8 @@ def _check_spec(name, spec)->tuple[str,object]:
         raise ValueError(f"plan entry {name!r} is {spec!r}; each entry is a dict with 'method', 'rank' and 'source'")
     m,r = spec['method'], spec['rank']
     if isinstance(r, dict):   # an attention's {projection: rank}
-        if m=='svd' and r.keys() <= set(PROJECTIONS) and all(isinstance(x, int) and not isinstance(x, bool) and x>0 for x in r.values()): return m, r
+        pos = lambda x: isinstance(x, int) and not isinstance(x, bool) and x>0
+        if m=='svd' and r.keys() <= set(PROJECTIONS) and all(map(pos, r.values())): return m, r
         raise ValueError(f"plan entry {name!r}: an attention's rank is {{projection: positive int}} for {', '.join(PROJECTIONS)} by 'svd', got {r!r}")
     pair = isinstance(r, (list, tuple)) and len(r)==2 and all(isinstance(x, int) and not isinstance(x, bool) and x>0 for x in r)
     if m=='tucker' and not pair: raise ValueError(f"plan entry {name!r}: Tucker's rank is a pair [r_out, r_in] of positive ints, got {r!r}")

@@ -45,7 +45,8 @@ def layer_key(layer:nn.Module)->tuple:
     "What a layer's latency depends on besides its input: type, geometry and dtype"
     dt = str(layer.weight.dtype)
     if isinstance(layer, nn.Linear): return ('Linear', layer.in_features, layer.out_features, layer.bias is not None, dt)
-    if isinstance(layer, EMBEDDING_KINDS): return (type(layer).__name__, layer.num_embeddings, layer.embedding_dim, getattr(layer, 'mode', None), dt)
+    if isinstance(layer, EMBEDDING_KINDS):
+        return (type(layer).__name__, layer.num_embeddings, layer.embedding_dim, getattr(layer, 'mode', None), dt)
     geom = [_geom(getattr(layer, a)) for a in ('kernel_size','stride','padding','dilation') + ('output_padding',)*layer.transposed]
     return (layer_kind(layer).__name__, layer.in_channels, layer.out_channels, *geom, layer.groups, layer.bias is not None,
             layer.padding_mode, dt)
@@ -86,7 +87,8 @@ class LayerTimer:
         return in_format(shell(layer, *option).to(self.device), self.memory_format).eval()
     def input(self, in_shape, layer:nn.Module|None=None)->Tensor:
         "A random input of `in_shape` with `batch` samples: indices for an embedding"
-        if isinstance(layer, EMBEDDING_KINDS): return torch.randint(0, layer.num_embeddings, (self.batch, *in_shape[1:]), device=self.device)
+        if isinstance(layer, EMBEDDING_KINDS):
+            return torch.randint(0, layer.num_embeddings, (self.batch, *in_shape[1:]), device=self.device)
         return random_batch(in_shape[1:], self.batch, self.device, self.memory_format)
     def __call__(self, layer:nn.Module, options:list, in_shape)->list[float]:
         "Seconds per call of `layer` and of each of `options` [(method, rank)], on an input of `in_shape` with its batch set to `batch`"

@@ -1,4 +1,4 @@
-"""Layer surgery: a `Linear`, a convolution (1-, 2-, 3-D, transposed) or an embedding and a rank in, a block of standard layers computing the same.
+"""Layer surgery: a Linear, convolution, embedding or attention and a rank in, a block of standard layers that computes the same out.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
@@ -210,7 +210,7 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 
 
 def builder(layer:nn.Module, method:str):
-    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and transformers' Conv1D, `embedding_svd` for an embedding)"
+    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and GPT-2's Conv1D, `embedding_svd`, `attention_svd`)"
     if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
     if isinstance(layer, nn.MultiheadAttention): return attention_svd   # its rank: {projection: rank}
     return linear_svd if isinstance(_plain(layer), nn.Linear) else BUILDERS[method]
