@@ -103,8 +103,8 @@ def bn_stats(model:nn.Module, x:torch.Tensor, n:int=4)->nn.Module:
     activations can vanish layer after layer (deeplabv3_mobilenet_v3_large's backbone ends at ~1e-8) and the output is its last bias"""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns: return model
-    for m in bns: m.reset_running_stats(); m.momentum = None   # a cumulative average over the batches
-    model.train()
+    model.eval()   # only the BatchNorms in train mode: the rest runs as in eval (Inception's aux head, dropout)
+    for m in bns: m.reset_running_stats(); m.momentum = None; m.train()   # (momentum None: a cumulative average over the batches)
     with torch.no_grad():
         for _ in range(n): model(like(x, 4))
     for m in bns: m.momentum = 0.1
