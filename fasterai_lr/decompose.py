@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/decompose.html.md"""
 
 # %% ../nbs/03_decompose.ipynb #90801360
 from __future__ import annotations
-import copy, functools, inspect, re, sys, warnings, torch, pandas as pd
+import copy, functools, inspect, math, re, sys, warnings, torch, pandas as pd
 from types import SimpleNamespace
 from contextlib import contextmanager
 from torch import nn, Tensor
@@ -22,10 +22,10 @@ from .layers import _src
 
 # %% auto #0
 __all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer',
-           'Attention_Decomposer', 'layer_shapes', 'layer_costs', 'layer_attrs', 'source_reader', 'skip_reason',
-           'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe', 'read_reason', 'move_hooks',
-           'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen',
-           'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
+           'Attention_Decomposer', 'layer_shapes', 'layer_costs', 'layer_ops', 'layer_attrs', 'source_reader',
+           'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe', 'read_reason',
+           'move_hooks', 'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected',
+           'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -109,6 +109,19 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     # an embedding (O = d) looks its rows up, no multiply-adds; its factorization's Linear costs r·d a token
     if emb: m = (0 if (method or 'original')=='original' else rank*O)*tokens if shapes else None
     return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
+
+def layer_ops(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->list|None:
+    """Per op of `layer` (or of its `method` factorization at `rank`), each call: (parameters, multiply-adds, input values, output values)
+    per sample, as `factor_costs` counts them; None without `shapes`, and for attention and embeddings (not modelled)"""
+    if not shapes or isinstance(layer, (nn.MultiheadAttention, *EMBEDDING_KINDS)): return None
+    K = kernel(layer)
+    (G,O,I,*ks),nd = K.shape, K.ndim-3
+    if isinstance(layer, nn.Linear):   # a conv without spatial dims, once per token
+        tokens = max(1, math.prod(shapes[1][1:-1]))
+        ops = [(p, m*tokens, i*tokens, o*tokens) for p,m,i,o in factor_costs(method or 'original', rank, O, I, ())]
+    else: ops = factor_costs(method or 'original', rank, O, I, ks, G, _sizes(shapes[0], nd), _sizes(shapes[1], nd),
+                             transposed=getattr(layer, 'transposed', False))
+    return ops*(shapes[2] if len(shapes) > 2 else 1)
 
 # %% ../nbs/03_decompose.ipynb #3a531dbe
 @functools.cache

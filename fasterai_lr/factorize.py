@@ -15,7 +15,7 @@ __all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors'
            'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
            'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'linear_rank',
            'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'factor_chain',
-           'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank', 'keep_rank']
+           'factor_costs', 'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -351,16 +351,23 @@ def factor_chain(method:str, rank, O:int, I:int, nd:int=2)->list[tuple]:
     if method=='cp':       return [(I, rank, (), False, True), *[(rank, rank, (a,), True, True) for a in sp], (rank, O, (), False, True)]
     raise ValueError(f"unknown method {method!r}")
 
-def kernel_costs(method:str, rank, O:int, I:int, ks:tuple, groups:int=1, size_in=None, size_out=None,
-                 transposed:bool=False)->tuple[int,int]:
-    "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*, kernel `ks`, size_in→size_out"
-    cur,end = tuple(size_in or (1,)*len(ks)), tuple(size_out or (1,)*len(ks))
-    p = m = 0
+def factor_costs(method:str, rank, O:int, I:int, ks:tuple, groups:int=1, size_in=None, size_out=None, transposed:bool=False)->list:
+    """Per factor layer of `method` at `rank` (a conv with O/I channels *per group*, kernel `ks`, size_in→size_out): (parameters,
+    multiply-adds, input values, output values) per sample; a factor that is not present costs 0"""
+    cur,end,out = tuple(size_in or (1,)*len(ks)), tuple(size_out or (1,)*len(ks)), []
     for ci,co,axes,dw,on in factor_chain(method, rank, O, I, len(ks)):
         nxt = tuple(e if a in axes else c for a,(c,e) in enumerate(zip(cur, end)))   # a factor resizes its kernel's axes only
         w = (1 if dw else ci)*co*math.prod(ks[a] for a in axes)*on
-        p,m,cur = p+w, m+w*math.prod(cur if transposed else nxt), nxt   # run at each output position; a transposed conv at each input
-    return groups*p, groups*m
+        # run at each output position; a transposed conv at each input
+        out.append((groups*w, groups*w*math.prod(cur if transposed else nxt), groups*ci*math.prod(cur)*on, groups*co*math.prod(nxt)*on))
+        cur = nxt
+    return out
+
+def kernel_costs(method:str, rank, O:int, I:int, ks:tuple, groups:int=1, size_in=None, size_out=None,
+                 transposed:bool=False)->tuple[int,int]:
+    "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*, kernel `ks`, size_in→size_out"
+    fs = factor_costs(method, rank, O, I, ks, groups, size_in, size_out, transposed)
+    return sum(f[0] for f in fs), sum(f[1] for f in fs)
 
 def conv_costs(method:str, rank, O:int, I:int, kh:int, kw:int, groups:int=1, hw_in=(1,1), hw_out=(1,1))->tuple[int,int]:
     "(parameters, multiply-adds per sample) of `method` at `rank` for a conv with O/I channels *per group*: `kernel_costs` in 2-D"

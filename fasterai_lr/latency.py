@@ -18,11 +18,12 @@ from .factorize import *
 from .core import *
 from .layers import *
 from .decompose import *
-from .ranks import Budget, Curve, allocate, rank_errors, _prepare
+from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, _prepare
 
 # %% auto #0
 __all__ = ['LATENCIES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
-           'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget']
+           'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget',
+           'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -439,3 +440,55 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     self.report = _latency_report(curves, pick)
     self.T_given,self.T_dense = b.T_given,b.T_dense
     return plan
+
+# %% ../nbs/07_latency.ipynb #3c9d1b70
+def measured_speed(batch:int=1, device='cpu', n:int=1024, nbytes:float=4e6, reps:int=5)->SpeedModel:
+    """A `SpeedModel` with this machine's figures on `device` at the current thread count: the FLOP/s of an n×n matmul, the bytes/s of a
+    copy of `nbytes`, and the seconds of a call that does no work (a 1×1 conv on one value)"""
+    dev = torch.device(device)
+    a,b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    x = torch.randn(int(nbytes)//4, device=dev); y = torch.empty_like(x)
+    one,tiny = nn.Conv2d(1, 1, 1).to(dev).eval(), torch.randn(1, 1, 1, 1, device=dev)
+    t_mm,t_cp,t_op = time_calls([lambda _: a@b, lambda _: y.copy_(x), one], tiny, reps=reps, stat=min)   # peaks: the best round
+    return SpeedModel(flops=2*n**3/t_mm, bandwidth=2*x.numel()*4/t_cp, overhead=t_op, batch=batch)
+
+def _leaf_inputs(model:nn.Module, x:Tensor)->dict:
+    "{name: (layer, its input)} of every Linear and conv that runs in one forward of `x` (inside factor blocks too)"
+    seen,kinds = {},(nn.Linear, *CONV_KINDS)
+    def hook(n, m, i, o): seen.setdefault(n, (m, i[0].detach(), tuple(o.shape)))   # (a hook that returns something replaces the output)
+    hooks = [m.register_forward_hook(partial(hook, n)) for n,m in model.named_modules() if isinstance(m, kinds)]
+    try:
+        with evaluating(model), torch.no_grad(): model(x)
+    finally:
+        for h in hooks: h.remove()
+    return seen
+
+def roofline(model:nn.Module, sample, batch:int=1, speed:SpeedModel|None=None, reps:int=5)->pd.DataFrame:
+    """Per Linear and conv that `model` runs (each factor of a block on its own): multiply-adds, bytes moved, arithmetic intensity (FLOP
+    per byte), the roofline time at `speed` (this machine's `measured_speed` by default), the time measured alone on its input and the
+    share of the roofline it reaches; `bound` says which ceiling it is under"""
+    dev,_ = placement(model)
+    speed = speed or measured_speed(batch, dev)
+    x = _batch_input(model, sample, batch, dev, torch.contiguous_format)
+    rows = []
+    for n,(m,xi,out) in _leaf_inputs(model, x).items():
+        (p,macs,i,o), = layer_ops(m, shapes=(tuple(xi.shape), out, 1))
+        flop,byte = 2*macs*batch, 4*(p + batch*(i+o))
+        t, = time_calls([m], xi, reps=reps)
+        ideal = float(speed.seconds([(p, macs, i, o)])) - speed.overhead
+        rows.append(dict(layer=n, kind=type(m).__name__, macs=macs*batch, bytes=byte, intensity=flop/byte, roofline_ms=ideal*1e3,
+                         ms=t*1e3, gflops=flop/t/1e9, of_roofline=ideal/t,
+                         bound='memory' if flop/byte < speed.flops/speed.bandwidth else 'compute'))
+    return pd.DataFrame(rows)
+
+def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
+    "Achieved GFLOP/s against arithmetic intensity for each of `tables` {label: `roofline` table}, under `speed`'s two ceilings"
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7, 4.5))[1]
+    lo = min(t.intensity.min() for t in tables.values())/2; hi = max(t.intensity.max() for t in tables.values())*2
+    I = np.geomspace(lo, hi, 200)
+    ax.plot(I, np.minimum(speed.flops, speed.bandwidth*I)/1e9, 'k-', lw=1.5, label='roofline (measured peaks)')
+    for (label,t),mk in zip(tables.items(), 'os^vD'): ax.scatter(t.intensity, t.gflops, marker=mk, s=22, alpha=.75, label=label)
+    ax.set(xscale='log', yscale='log', xlabel='arithmetic intensity (FLOP/byte)', ylabel='achieved GFLOP/s')
+    ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
+    return ax

@@ -19,7 +19,8 @@ from .decompose import _check_calib
 
 # %% auto #0
 __all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
-           'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'Budget', 'model_totals', 'candidates']
+           'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'SpeedModel', 'slow_options',
+           'fast_curves', 'Budget', 'model_totals', 'candidates']
 
 # %% ../nbs/04_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -305,6 +306,60 @@ def model_macs(model:nn.Module, sample)->int:
 
 def n_params(model:nn.Module)->int: return sum(p.numel() for p in model.parameters())
 
+# %% ../nbs/04_ranks.ipynb #5f3e9a21
+def _f64(v): return torch.as_tensor(v, dtype=torch.float64)
+
+class SpeedModel:
+    """Modelled seconds per call of a layer, or of its factorization, at `batch`: per op `overhead`, plus its roofline time, the larger of
+    its FLOPs at `flops` per second and its bytes (weights once, activations per sample, float32) at `bandwidth` bytes per second"""
+    def __init__(self, flops:float=5e10,    # FLOP/s an op reaches at best (one core of the machine we build on: 66e9 in a 1024² matmul)
+                 bandwidth:float=3e10,      # bytes/s an op streams (a layer's weights and activations at batch 1 sit in cache: 3e10 here)
+                 overhead:float=2e-5,       # seconds an op costs besides its work (an eager PyTorch conv or Linear here: 13–20 µs)
+                 batch:int=1,               # the batch to model
+                 margin:float=0.):          # an option is slower unless it is modelled at least this much faster
+        for k,v in dict(flops=flops, bandwidth=bandwidth).items(): check_number(v, k, f'a positive rate, e.g. {k}=1e10', lo=0, ends='()')
+        check_number(overhead, 'overhead', 'seconds per op, ≥ 0, e.g. overhead=1e-5', lo=0)
+        check_number(margin, 'margin', 'a fraction, ≥ 0, e.g. margin=0.05', lo=0)
+        store_attr(); self.batch = check_number(batch, 'batch', 'a positive int, e.g. batch=1', lo=1, integer=True)
+    def seconds(self, ops:list)->Tensor:
+        "Modelled seconds of the ops [(parameters, multiply-adds, input values, output values) per sample] (tensors: one per option)"
+        b,t = self.batch,_f64(0.)
+        for p,m,i,o in ops:
+            work = torch.maximum(2*_f64(m)*b/self.flops, 4*(_f64(p) + b*(_f64(i)+_f64(o)))/self.bandwidth)
+            t = t + torch.where(_f64(p) > 0, self.overhead + work, 0.)   # a factor that is not present costs nothing
+        return t
+    def slower(self, layer:nn.Module, method:str, ranks:list, shapes)->np.ndarray|None:
+        "Which of `ranks` of `method` are modelled no faster than `layer` on inputs of `shapes`; None where it cannot tell"
+        t0 = layer_ops(layer, shapes=shapes)
+        if t0 is None: return None
+        r = tuple(torch.tensor(ranks).T) if method=='tucker' else torch.tensor(ranks)
+        return (self.seconds(layer_ops(layer, method, r, shapes)) >= self.seconds(t0)*(1-self.margin)).numpy().reshape(-1)
+    def __repr__(self): return f"SpeedModel(flops={self.flops:.3g}, bandwidth={self.bandwidth:.3g}, overhead={self.overhead:.3g}, batch={self.batch})"
+
+def slow_options(c:Curve, speed:SpeedModel, shapes)->np.ndarray|None:
+    "Which options of curve `c` `speed` finds slower than the layer (never the last: the layer itself); None where it cannot tell"
+    opts,out = [_option(c, j) for j in range(len(c.ranks)-1)], np.zeros(len(c.ranks), bool)
+    for m in dict.fromkeys(o[0] for o in opts):
+        js = [j for j,o in enumerate(opts) if o[0]==m]
+        if (s := speed.slower(c.layer, m, [opts[j][1] for j in js], shapes)) is None: return None
+        out[js] = s
+    return out
+
+def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[list,dict,list]:
+    """`curves` without the options `speed` models slower than their layer; {layer name: note} of the layers left whole for it; the names
+    it could not check (no input size)"""
+    if speed is None: return curves, {}, []
+    shapes,out,notes,unchecked = {n: s for n,_,_,s in cands},[],{},[]
+    for c in curves:
+        if (slow := slow_options(c, speed, shapes[c.name])) is None: out.append(c); unchecked.append(c.name)
+        elif (keep := ~slow).sum() > 1: out.append(_subset(c, keep))
+        else: notes[c.name] = f"kept: every factorization cheaper than it is modelled slower ({speed!r}; speed=None allows them)"
+    return out, notes, unchecked
+
+def _subset(c:Curve, keep:np.ndarray)->Curve:
+    return Curve(c.name, c.layer, c.method, [r for r,k in zip(c.ranks, keep) if k], c.params[keep], None if c.macs is None else c.macs[keep],
+                 c.err[keep], c.weight)
+
 # %% ../nbs/04_ranks.ipynb #a3d6f450
 class Budget(ModelBudget):
     "Ranks for all decomposable layers that keep `params` (or `macs`) of the whole model with the least (weighted) error"
@@ -316,6 +371,7 @@ class Budget(ModelBudget):
                  sample=None,               # a batch (or its shape) to count the whole model's MACs with
                  weights:dict|None=None,    # {layer or module name: multiplier} on the errors of the layers in it
                  res:int=64,                # Tucker grids have at most `res` ranks per mode
+                 speed='model',             # a `SpeedModel`: options modelled slower than their layer are not taken; None: any option
                  sensitivity=None):         # replaced by `calib=`
         if sensitivity is not None: raise TypeError("Budget(sensitivity=) is replaced by calib=Calibration(data): the budget then spends on each layer's output error on that data, exactly where it can")
         given = {k:v for k,v in dict(params=params, macs=macs).items() if v is not None}
@@ -330,8 +386,11 @@ class Budget(ModelBudget):
         if weights is not None:
             if not isinstance(weights, dict): raise TypeError(f"weights={weights!r} is not a dict; pass {{layer or module name: multiplier}}, e.g. weights={{'features.0': 2}}")
             weights = {k: check_number(w, f"weights[{k!r}]", f"a positive multiplier on the errors of the layers in {k!r}, e.g. 2", lo=0, ends='()') for k,w in weights.items()}
-        store_attr('round_to,alloc,calib,sample,weights,res')
-        self.report,self.achieved,self.checked = None,None,None
+        if isinstance(speed, str) and speed=='model': speed = SpeedModel()
+        if speed is not None and not isinstance(speed, SpeedModel):
+            raise TypeError(f"speed={speed!r}; pass a SpeedModel (e.g. SpeedModel(batch=1), or latency's measured_speed()), 'model' (the default) or None (no check)")
+        store_attr('round_to,alloc,calib,sample,weights,res,speed')
+        self.report,self.achieved,self.checked,self.slowed,self.unchecked = None,None,None,False,[]
 
     def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to>1 else '') + ')'
 
@@ -379,6 +438,24 @@ def _check(self:Budget, model:nn.Module, curves:list[Curve], pick:list, limit:fl
     return picks[self.chosen]
 
 @patch
+def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tuple:
+    """(curves, the model's cost, the cost outside them, {layer: note}): without the options `speed` models slower than their layer, unless
+    the budget cannot be met then (a warning says so, the report marks them)"""
+    every = layer_curves(candidates, self.round_to, self.res, _prepare(calib, model, candidates))
+    fast,slow,self.unchecked = fast_curves(every, candidates, self.speed)
+    total,fixed = model_totals(model, candidates, fast, self.by, sample)
+    least = (fixed + sum(c.cost(self.by).min() for c in fast))/total
+    self.slowed = fast is not every and least > self.keep
+    if not self.slowed: return fast, total, fixed, slow
+    warnings.warn(f"{self!r} takes factorizations modelled slower than their layers: with only faster ones the model keeps at least {least:.1%} of "
+                  f"its {self.by}; the report's note marks them. Pass {self.by}={math.ceil(least*100)/100} or more to keep every layer fast, or speed=None")
+    return every, *model_totals(model, candidates, every, self.by, sample), {}
+
+def _slow_pick(c:Curve, j:int, speed, cands:list)->bool:
+    s = slow_options(c, speed, dict((n, sh) for n,_,_,sh in cands)[c.name]) if speed is not None else None
+    return s is not None and bool(s[j])
+
+@patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     """{layer name: rank, or (method, rank) for method='auto'} for the `candidates` [(name, layer, method, shapes)] of `model` that meets
     the budget"""
@@ -386,8 +463,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
     mods = dict(model.named_modules())
     if bad := [k for k in self.weights or {} if k not in mods]:
         raise ValueError(f"weights= names {bad[0]!r}, which is not a module of the model; pass names as in model.named_modules(), e.g. {[n for n,*_ in candidates][:3]}")
-    curves = layer_curves(candidates, self.round_to, self.res, _prepare(calib, model, candidates))
-    total,fixed = model_totals(model, candidates, curves, self.by, sample)
+    curves,total,fixed,slow = self._guarded(model, candidates, sample, calib)
     _weigh(curves, self.weights)
     least = (fixed + sum(c.cost(self.by).min() for c in curves))/total
     if least > self.keep: raise ValueError(f"{self!r} cannot be met: with every decomposable layer at its smallest rank the model keeps {least:.1%} of its {self.by}; "
@@ -396,16 +472,21 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
     pick = allocate(curves, limit, self.by, self.alloc)
     self.checked = self.chosen = None
     if calib is not None: pick = self._check(model, curves, pick, limit, calib)
-    after = fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick))
-    self.achieved = after/total
+    self.achieved = (fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick)))/total
+    self.report = self._report(curves, pick, candidates, slow)
+    return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
+
+@patch
+def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd.DataFrame:
+    "The plan's table: a row per candidate, its option, costs, error and why it stays"
     none = 'no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if self.round_to > 1 else '')
-    empty = dict(rank=None, params=None, params_after=None, macs=None, macs_after=None, error=None, weight=None, note=none)
-    rows = {n: dict(layer=n, method=m, **empty) for n,_,m,_ in candidates}
+    empty = dict(rank=None, params=None, params_after=None, macs=None, macs_after=None, error=None, weight=None)
+    rows = {n: dict(layer=n, method=m, **empty, note=slow.get(n, none)) for n,_,m,_ in candidates}
     for c,j in zip(curves, pick):
         o,macs = _option(c, j),(lambda i: None if c.macs is None else c.macs[i])
+        note = '' if o is not None else 'kept: cheaper to lose error elsewhere'
+        if o is not None and self.slowed and _slow_pick(c, j, self.speed, candidates): note = 'modelled slower than the layer: taken to meet the budget'
         rows[c.name].update(method=o[0] if o else c.method, rank=o[1] if o else None, params=c.params[-1], params_after=c.params[j],
                             macs=macs(-1), macs_after=macs(j), error=math.sqrt(c.err[j]),
-                            weight=float(np.broadcast_to(c.weight, c.err.shape)[j]),
-                            note='' if o is not None else 'kept: cheaper to lose error elsewhere')
-    self.report = pd.DataFrame(list(rows.values()))
-    return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
+                            weight=float(np.broadcast_to(c.weight, c.err.shape)[j]), note=note)
+    return pd.DataFrame(list(rows.values()))

@@ -33,7 +33,7 @@ def size(m): return sum(p.numel() for p in m.parameters())
                          + [('tucker', 'params', 0.5, 4), ('spatial', 'macs', 0.5, 1)])
 def test_plan_totals_within_2pct(method, by, keep, round_to):
     net = tiny_cnn()
-    b = Budget(**{by: keep}, round_to=round_to)
+    b = Budget(**{by: keep}, round_to=round_to, speed=None)   # how closely the allocation lands (the speed guard leaves cost unspent)
     plan = b.plan(net, method, sample=SAMPLE)
     new,rep = decompose_model(net, method, rank=plan, sample=SAMPLE, quiet=True)
     got = size(new)/size(net) if by=='params' else model_macs(new, SAMPLE)/model_macs(net, SAMPLE)

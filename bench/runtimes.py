@@ -1,0 +1,177 @@
+"""Speed where models are deployed: dense against decomposed in eager PyTorch, torch.compile (inductor, CPU) and onnxruntime (CPU),
+side by side in one run.
+
+The baseline is the dense model with its BatchNorms folded (`fold_bn`), which every runtime does by itself: the speed-ups are the
+decomposition's own. Variants, per model and batch:
+    dense     the folded dense model
+    keep=0.5  decompose_model(model, 'tucker', keep=0.5) (Linear by SVD), then `optimize` (folded, adjacent linear layers merged)
+    latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
+              eager PyTorch, with the least error; then `optimize`
+    params=p, macs=p (digits only, --budgets): Budget(params=p) / Budget(macs=p), whose speed guard (on by default) leaves a layer
+              whose factorization is modelled slower than it; 'p no guard' with speed=None
+Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
+compile is `torch.compile(model)` (inductor; --freezing sets inductor's freezing, weights packed for mkldnn); onnxruntime runs the
+TorchScript export with all graph optimizations, `--threads` intra-op threads. Every variant of one model, batch and runtime is
+timed in one `time_calls` (rotating order, median of --reps rounds), so their ratios share the machine's state.
+Columns: ms per batch, speed-up = dense ms / variant ms, MAC ratio = dense MACs / variant MACs, their quotient (1.0: every MAC saved
+is time saved). The digits CNN (sklearn's 8×8 digits, trained here in seconds) is the trained model; the torchvision models have
+random weights (timing does not depend on the values).
+
+Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--freezing] [--out bench/out/runtimes.txt]
+On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
+"""
+import argparse, copy, gc, os, subprocess, sys, tempfile, time, traceback, warnings, torch
+from pathlib import Path
+from torch import nn
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import build
+from budgets import digits_data, digits_cnn, train
+from fasterai_lr.decompose import decompose_model
+from fasterai_lr.ranks import Budget, model_macs, n_params
+from fasterai_lr.latency import LatencyBudget, fold_bn, optimize, fastest_format, in_format, time_calls
+
+RUNTIMES = ['eager', 'compile', 'ort']
+
+class Ort:
+    "An onnxruntime session of `model` (TorchScript export, batch dimension free) called like the model"
+    def __init__(self, model, x, threads):
+        import onnxruntime as ort
+        self.path = Path(tempfile.mkdtemp())/'m.onnx'
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(model.eval(), (x[:1].contiguous(),), str(self.path), dynamo=False, input_names=['x'], output_names=['y'],
+                              dynamic_axes={'x': {0: 'b'}, 'y': {0: 'b'}})
+        o = ort.SessionOptions(); o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.s = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
+    def __call__(self, x): return self.s.run(None, {'x': x.contiguous().numpy()})[0]
+
+def digits_model():
+    torch.manual_seed(0)
+    (Xt,yt),(Xv,yv) = digits_data()
+    m = train(digits_cnn(), Xt, yt)
+    return m, (1, 8, 8), (Xv, yv)
+
+def variants(name, model, sample, batch, a)->dict:
+    "{variant: (inference model, note)}"
+    out = {'dense': (fold_bn(copy.deepcopy(model).eval()), '')}
+    def add(v, f):
+        t = time.perf_counter()
+        try: m, note = f()
+        except Exception as e: traceback.print_exc(); out[v] = (None, f"failed: {type(e).__name__}: {str(e)[:200]}"); return
+        out[v] = (m, f"{note} (built in {time.perf_counter()-t:.0f} s)")
+    def dec(rank=None, **kw):
+        d, r = decompose_model(model, 'tucker', rank=rank, sample=sample, quiet=True, **kw)
+        return optimize(d, memory_format=torch.contiguous_format), f"{int(r.method.notna().sum()) if 'method' in r else '?'}/{len(r)} layers"
+    add('keep=0.5', lambda: dec(keep=0.5))
+    def latency():
+        lb = LatencyBudget(keep=0.5, batch=batch, baseline='as_run')
+        m, note = dec(rank=lb)
+        return m, f"{note}; planned at {lb.achieved:.2f} of the folded dense latency"
+    if 'latency' in a.variants: add('latency', latency)
+    if name=='digits':
+        for p in a.budgets:
+            for by in ('params', 'macs'):
+                add(f"{by}={p}", lambda by=by, p=p: dec(rank=Budget(**{by: p}, sample=sample)))
+                add(f"{by}={p} no guard", lambda by=by, p=p: dec(rank=Budget(**{by: p}, sample=sample, speed=None)))
+    return out
+
+def runners(mods:dict, x, runtime:str, a)->dict:
+    "{variant: callable} in `runtime` (compiled/exported here; compile time is not timed)"
+    if runtime=='eager':
+        fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
+        return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, fmt
+    if runtime=='ort': return {v: Ort(m, x, a.threads) for v,m in mods.items()}, None
+    import torch._inductor.config as ic
+    ic.freezing = a.freezing
+    out = {}
+    for v,m in mods.items():
+        torch._dynamo.reset()
+        c = torch.compile(copy.deepcopy(m))
+        with torch.inference_mode(): c(x)    # compiles for this shape
+        out[v] = c
+    return out, None
+
+def rows_for(name, batch, a, say)->list:
+    model, sample, data = digits_model() if name=='digits' else (*build(name), None)
+    sample = sample or (3, a.size, a.size)
+    x = torch.randn(batch, *sample)
+    built = variants(name, model, sample, batch, a)
+    mods = {v: m for v,(m,_) in built.items() if m is not None}
+    M0 = model_macs(mods['dense'], sample)
+    rows = []
+    for v,(m,note) in built.items():
+        r = dict(model=name, batch=batch, variant=v, note=note)
+        if m is not None:
+            r.update(params=n_params(m), kept=n_params(m)/n_params(mods['dense']), mac_ratio=M0/model_macs(m, sample))
+            if data is not None:
+                with torch.no_grad(): r['acc'] = float((m(data[0]).argmax(1)==data[1]).float().mean())
+        rows.append(r)
+    for rt in a.runtimes:
+        t = time.perf_counter()
+        try:
+            run, fmt = runners(mods, x, rt, a)
+            ts = dict(zip(run, time_calls(list(run.values()), x, reps=a.reps, warmup=1, min_time=0 if batch > 1 else 5e-3)))
+        except Exception as e:
+            traceback.print_exc(); say(f"{name} {batch} {rt}: ERROR {type(e).__name__}: {str(e)[:300]}"); continue
+        for r in rows:
+            if r['variant'] in ts:
+                r[rt] = ts[r['variant']]*1e3; r[rt+'_x'] = ts['dense']/ts[r['variant']]
+        say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s" + (f" ({'channels_last' if fmt==torch.channels_last else 'NCHW'})" if fmt else ''))
+        del run; gc.collect()
+    for r in rows: say(fmt_row(r, a.runtimes))
+    return rows
+
+def head(rts): return f"{'model':12} {'batch':>5} {'variant':17} {'kept':>5} {'acc':>5} {'MAC×':>5} " + ' '.join(f"{rt+' ms':>10} {'×':>5} {'÷MAC':>5}" for rt in rts) + '  note'
+
+def fmt_row(r, rts):
+    f = lambda k, s: format(r[k], s) if r.get(k) is not None else '-'
+    q = lambda rt: format(r[rt+'_x']/r['mac_ratio'], '5.2f') if r.get(rt+'_x') and r.get('mac_ratio') else '-'
+    return (f"{r['model']:12} {r['batch']:>5} {r['variant']:17} {f('kept', '5.2f'):>5} {f('acc', '5.3f'):>5} {f('mac_ratio', '5.2f'):>5} "
+            + ' '.join(f"{f(rt, '10.2f'):>10} {f(rt+'_x', '5.2f'):>5} {q(rt):>5}" for rt in rts) + f"  {r['note']}")
+
+def checks(rows, rts)->list[str]:
+    "The issue's goals, PASS/FAIL with the figures"
+    out = []
+    for r in rows:
+        if r['variant']=='dense' or 'no guard' in r['variant']: continue
+        for rt in rts:
+            x = r.get(rt+'_x')
+            if x is None: continue
+            if r['batch']==1: out.append(f"{'PASS' if x >= 1 else 'FAIL'}  {r['model']} {r['variant']} batch 1 {rt}: {x:.2f}× the folded dense model (goal ≥ 1)")
+            elif r['model']!='digits' and rt!='eager':
+                out.append(f"{'PASS' if x/r['mac_ratio'] >= 0.9 else 'FAIL'}  {r['model']} {r['variant']} batch {r['batch']} {rt}: speed-up {x:.2f} ÷ MAC ratio {r['mac_ratio']:.2f} = {x/r['mac_ratio']:.2f} (goal ≥ 0.9)")
+    return out
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', default='resnet18,resnet50,mobilenet_v2,vgg16_bn,digits')
+    p.add_argument('--batches', default='1,64'); p.add_argument('--runtimes', default=','.join(RUNTIMES))
+    p.add_argument('--variants', default='keep=0.5,latency'); p.add_argument('--budgets', default='0.26,0.5')
+    p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--size', type=int, default=224); p.add_argument('--freezing', action='store_true')
+    p.add_argument('--out', default='bench/out/runtimes.txt')
+    a = p.parse_args(argv)
+    a.runtimes, a.variants, a.budgets = a.runtimes.split(','), a.variants.split(','), [float(b) for b in a.budgets.split(',') if b]
+    torch.set_num_threads(a.threads); os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', '1'); warnings.filterwarnings('ignore')
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    out = open(a.out, 'w')
+    def say(s=''): print(s, flush=True); out.write(s+'\n'); out.flush()
+    import onnxruntime
+    up = lambda: subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
+    say(f"bench/runtimes.py {' '.join(argv or sys.argv[1:])}")
+    say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
+        f"input {a.size}×{a.size}; inductor freezing {a.freezing}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
+    say(f"uptime before: {up()}"); say(head(a.runtimes))
+    rows, t0 = [], time.perf_counter()
+    for name in a.models.split(','):
+        for b in map(int, a.batches.split(',')):
+            try: rows += rows_for(name, b, a, say)
+            except Exception as e: say(f"{name} {b} ERROR {type(e).__name__}: {str(e)[:300]}"); traceback.print_exc()
+    say(); say(head(a.runtimes))
+    for r in rows: say(fmt_row(r, a.runtimes))
+    say(); say('\n'.join(checks(rows, a.runtimes)))
+    say(f"uptime after: {up()}; total {time.perf_counter()-t0:.0f} s")
+
+if __name__=='__main__': main()

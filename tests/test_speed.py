@@ -1,0 +1,159 @@
+"The speed model behind the budgets' guard (no budget makes a model slower), the op costs it reads, and the roofline table"
+import math, warnings, pytest, torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from fasterai_lr.all import *
+from fasterai_lr.factorize import factor_costs, kernel_costs
+from fasterai_lr.decompose import layer_ops, layer_costs
+from fasterai_lr.ranks import SpeedModel, slow_options, fast_curves
+from fasterai_lr.latency import measured_speed, roofline, plot_roofline
+
+def digits_like():
+    "The shape of the trained digits CNN of bench/: two 3×3 conv stages on 8×8, then two Linears"
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+SHAPES = ((1, 128, 4, 4), (1, 128, 4, 4), 1)
+
+# ---- op costs
+
+@pytest.mark.parametrize('method,rank', [('original', None), ('svd', 5), ('spatial', 4), ('tucker', (6, 3)), ('tucker', (8, 3)), ('cp', 5)])
+@pytest.mark.parametrize('transposed', [False, True])
+def test_factor_costs_sum_to_kernel_costs(method, rank, transposed):
+    fs = factor_costs(method, rank, 8, 6, (3, 5), 2, (9, 11), (5, 11), transposed)
+    assert (sum(f[0] for f in fs), sum(f[1] for f in fs)) == kernel_costs(method, rank, 8, 6, (3, 5), 2, (9, 11), (5, 11), transposed)
+    assert all(f[2] >= 0 and f[3] >= 0 for f in fs)
+
+@pytest.mark.parametrize('layer,x', [(nn.Conv2d(16, 24, 3, stride=2, padding=1), torch.randn(2, 16, 12, 12)),
+                                     (nn.Conv2d(16, 24, (3, 1), padding=(1, 0), groups=2), torch.randn(2, 16, 9, 7)),
+                                     (nn.Conv1d(12, 20, 5, padding=2), torch.randn(2, 12, 30)),
+                                     (nn.Linear(40, 30), torch.randn(2, 7, 40))])
+def test_layer_ops_match_the_blocks(layer, x):
+    "Each op of a block: its MACs as FlopCounterMode counts that factor, its input and output sizes as they run"
+    shapes = (tuple(x.shape), tuple(layer(x).shape), 1)
+    for method in LAYER_METHODS[layer_kind(layer)]:
+        if method=='spatial' and isinstance(layer, nn.Conv1d): continue
+        rank = (6, 5) if method=='tucker' else 4
+        block = decompose_model(nn.Sequential(layer), method, rank=rank, quiet=True, head=True)[0][0]
+        ops = [o for o in layer_ops(layer, method, rank, shapes) if o[0]]
+        leaves = [m for m in block.modules() if isinstance(m, (nn.Linear, *CONV_KINDS))]
+        seen = []
+        hooks = [m.register_forward_hook(lambda m,i,o: seen.append((i[0][0].numel(), o[0].numel()))) for m in leaves]
+        with torch.no_grad(): block(x)
+        for h in hooks: h.remove()
+        assert [(i, o) for *_,i,o in ops] == seen, (method, ops, seen)
+        with FlopCounterMode(display=False) as fc, torch.no_grad(): block(x[:1])
+        assert sum(o[1] for o in ops) == fc.get_total_flops()//2 == layer_costs(layer, method, rank, shapes)[1]
+        assert sum(o[0] for o in ops) == sum(m.weight.numel() for m in leaves)
+
+def test_layer_ops_not_modelled():
+    assert layer_ops(nn.Conv2d(3, 4, 3)) is None                                        # no input size
+    assert layer_ops(nn.Embedding(10, 4), shapes=((1, 5), (1, 5, 4), 1)) is None
+    assert layer_ops(nn.MultiheadAttention(8, 2), shapes=((3, 1, 8), (3, 1, 8), 1)) is None
+
+# ---- the speed model
+
+def test_speed_model_orders_a_small_layer():
+    "At 4×4 and batch 1 a 128→128 3×3 conv is mostly overhead: Tucker (128, 92) adds an op and saves little (measured slower in bench/), (36, 26) saves most"
+    c, s = nn.Conv2d(128, 128, 3, padding=1), SpeedModel()
+    assert s.slower(c, 'tucker', [(128, 92), (36, 26), (64, 64)], SHAPES).tolist() == [True, False, False]
+    assert s.slower(c, 'svd', [120], SHAPES).tolist() == [True]
+    t = s.seconds(layer_ops(c, 'tucker', (torch.tensor([8, 32, 64, 128]), torch.tensor([8, 32, 64, 128])), SHAPES))
+    assert (t[1:] >= t[:-1]).all()                                                      # more rank, more time
+    assert s.slower(c, 'tucker', [(36, 26)], None) is None                              # no sizes: cannot tell
+
+def test_speed_model_batch_and_overhead():
+    "Overhead dominates at batch 1, work at a large batch: the same factorization can be slower at 1 and faster at 64"
+    l, sh = nn.Linear(512, 256), ((1, 512), (1, 256), 1)
+    assert SpeedModel(batch=1).slower(l, 'svd', [84], sh).tolist() == [True]
+    assert SpeedModel(batch=256, overhead=0).slower(l, 'svd', [84], sh).tolist() == [False]
+    assert SpeedModel(overhead=0).slower(l, 'svd', [150], sh).tolist() == [False]        # without overhead only the work counts
+    assert SpeedModel(overhead=0, margin=0.5).slower(l, 'svd', [150], sh).tolist() == [True]
+
+@pytest.mark.parametrize('kw,msg', [(dict(flops=0), 'flops'), (dict(bandwidth=-1), 'bandwidth'), (dict(overhead=-1), 'overhead'),
+                                    (dict(batch=0), 'batch'), (dict(margin=-0.1), 'margin')])
+def test_speed_model_bad_input(kw, msg):
+    with pytest.raises(ValueError, match=msg): SpeedModel(**kw)
+
+def test_budget_speed_bad_input():
+    with pytest.raises(TypeError, match='SpeedModel'): Budget(params=0.5, speed='fast')
+    with pytest.raises(TypeError, match='SpeedModel'): Budget(params=0.5, speed=1e-5)
+
+# ---- the guard in Budget
+
+@pytest.mark.parametrize('by,keep', [('params', 0.5), ('macs', 0.6)])
+def test_guard_never_takes_a_slower_option(by, keep):
+    net, speed = digits_like(), SpeedModel()
+    b = Budget(**{by: keep}, sample=(1, 8, 8))
+    with warnings.catch_warnings(): warnings.simplefilter('error'); new,rep = decompose_model(net, 'tucker', rank=b, sample=(1, 8, 8), quiet=True)
+    assert not b.slowed and b.achieved <= keep + 1e-9
+    shapes = {n: s for n,_,_,s in candidates(net, 'tucker', (1, 8, 8))}
+    for r in b.report.itertuples():
+        if r.rank is None: continue
+        assert not speed.slower(net.get_submodule(r.layer), r.method, [r.rank], shapes[r.layer])[0], r
+    got = n_params(new)/n_params(net) if by=='params' else model_macs(new, (1, 8, 8))/model_macs(net, (1, 8, 8))
+    assert abs(got - b.achieved) < 1e-9
+
+def test_guard_falls_back_and_says_so():
+    "Where only slower factorizations meet the budget, it takes them, warns, and the report marks them; a weights-bound model needs none"
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64*16*16, 10))
+    b = Budget(params=0.95, sample=(64, 16, 16), speed=SpeedModel(overhead=0, flops=1e20, bandwidth=1e6))   # weights-bound: fewer weights pay
+    plan = b.plan(net, 'tucker', head=True)
+    assert plan and not b.slowed
+    b = Budget(params=0.99, sample=(64, 16, 16), speed=SpeedModel(overhead=1.))
+    with pytest.warns(UserWarning, match='modelled slower'): plan = b.plan(net, 'tucker', head=True)
+    assert b.slowed and (b.report.note=='modelled slower than the layer: taken to meet the budget').any()
+
+def test_guard_notes_left_layers():
+    "Two convs where only the big one pays: the small one is left with the guard's note, the budget met by the other"
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1),
+                        nn.Flatten(), nn.Linear(256*4, 10))
+    b = Budget(params=0.6, sample=(8, 2, 2), speed=SpeedModel(overhead=1e-5, flops=1e9, bandwidth=1e12))
+    plan = b.plan(net, 'tucker')
+    note = b.report.set_index('layer').note
+    assert '4' in plan and '0' not in plan and note['0'].startswith('kept: every factorization cheaper than it is modelled slower'), b.report
+    free = Budget(params=0.6, sample=(8, 2, 2), speed=None); free.plan(net, 'tucker')
+    assert (free.report.note.str.startswith('kept: every').sum()) == 0
+
+def test_guard_without_sizes_is_unchecked():
+    "Without sample= the guard cannot model a conv: the plan is the unguarded one, and `unchecked` names the layers"
+    net = digits_like()
+    b, free = Budget(params=0.4), Budget(params=0.4, speed=None)
+    assert b.plan(net, 'tucker') == free.plan(net, 'tucker')
+    assert set(b.unchecked) == {n for n,*_ in candidates(net, 'tucker')} and free.unchecked == []
+
+def test_guard_with_calibration_and_callback():
+    "The guard composed: a data-aware budget, and the callback (which passes its batch as the sample) on a Learner"
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.callback.schedule import fit_one_cycle
+    from torch.utils.data import TensorDataset, DataLoader
+    net, X = digits_like(), torch.randn(64, 1, 8, 8)
+    b = Budget(params=0.5, calib=Calibration([X[:32]]), sample=(1, 8, 8))
+    new,rep = decompose_model(net, 'tucker', rank=b, calib=Calibration([X[:32]]), sample=(1, 8, 8), quiet=True)
+    assert b.achieved <= 0.5 + 1e-9 and not b.slowed
+    y = torch.randint(0, 10, (64,))
+    dls = DataLoaders(DataLoader(TensorDataset(X, y), batch_size=16), DataLoader(TensorDataset(X, y), batch_size=16))
+    learn = Learner(dls, digits_like(), loss_func=nn.CrossEntropyLoss())
+    cb = DecomposeCallback(start_epoch=1, rank=Budget(params=0.5), verbose=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3, cbs=cb)
+    assert n_params(learn.model) <= 0.5*n_params(digits_like()) + 1 and math.isfinite(learn.recorder.losses[-1])
+
+# ---- this machine's figures and the roofline table
+
+def test_measured_speed_and_roofline():
+    s = measured_speed(reps=3)
+    assert s.flops > 1e8 and s.bandwidth > 1e7 and 0 < s.overhead < 1e-2
+    net = digits_like()
+    dec,_ = decompose_model(net, 'tucker', keep=0.5, quiet=True)
+    for m in (net, dec):
+        t = roofline(m, (1, 8, 8), speed=s, reps=2)
+        leaves = [n for n,x in m.named_modules() if isinstance(x, (nn.Linear, nn.Conv2d))]
+        assert list(t.layer) == leaves
+        assert t.macs.sum() == model_macs(m, (1, 8, 8))
+        assert (t.ms > 0).all() and (t.intensity > 0).all() and set(t.bound) <= {'memory', 'compute'}
+        assert ((t.intensity < s.flops/s.bandwidth) == (t.bound=='memory')).all()
+    ax = plot_roofline({'dense': roofline(net, (1, 8, 8), speed=s, reps=1)}, s)
+    assert ax.get_xscale() == 'log' and len(ax.collections) == 1
