@@ -596,7 +596,7 @@ def blocks(self:Calibration, items:list)->dict:
     alone = [it for it in fit if not self.sequential or isinstance(it[1], (nn.MultiheadAttention, *EMBEDDING_KINDS))]
     seq = [it for it in fit if it[0] not in {n for n,*_ in alone}]
     built = _Lockstep(self, seq)() if seq else {}
-    self.collect(kinds=[(q, stat_kind(self.ref_mods[q], m)) for n,l,m,_ in alone for q in self.parts(n)])
+    if alone: self.collect(kinds=[(q, stat_kind(self.ref_mods[q], m)) for n,l,m,_ in alone for q in self.parts(n)])
     return {**built, **{n: self.build(n, l, m, r, sequential=False) for n,l,m,r in alone}}
 
 # %% ../nbs/05_calibrate.ipynb #c2e7d913

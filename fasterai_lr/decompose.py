@@ -308,7 +308,7 @@ def join_attention(plan:dict, parts:dict)->dict:
     attention, those it leaves out stay whole"""
     out = {}
     for k,v in plan.items():
-        if k in parts: a,p = parts[k]; out.setdefault(a, ('svd', {}))[1][p] = _plan_rank(v)
+        if k in parts: a,p = parts[k]; out.setdefault(a, ('svd', {}))[1][p] = v[1] if isinstance(v, tuple) else v   # (or ('svd', r))
         else: out[k] = v
     return out
 
