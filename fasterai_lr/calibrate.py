@@ -12,13 +12,14 @@ from fastcore.basics import store_attr, patch
 from .factorize import *
 from .core import *
 from .layers import *
+from .core import _plain
 from .layers import _kernel_2d
 from .decompose import Calibrator
 
 # %% auto #0
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
-           'spatial_svd_data', 'cp_front', 'tucker2_data', 'patch_rows', 'n_rows', 'stat_kind', 'Stats', 'Calibration',
-           'block_kernel']
+           'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights', 'embedding_data', 'embedding_errors',
+           'patch_rows', 'n_rows', 'stat_kind', 'lookups', 'layer_input', 'Stats', 'Calibration', 'block_kernel']
 
 # %% ../nbs/05_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -110,11 +111,37 @@ def tucker2_data(K:Tensor, C_in:Tensor, C_out:Tensor, ranks:tuple[int,int], damp
     V = leading_subspace(S.mT@unfold(QK, 1), ri)                 # I×r_i: right singular vectors of M S_in
     return torch.einsum('...rihw,...is->...rshw', QK, S@V), Q, V.mT@Si
 
+# %% ../nbs/05_calibrate.ipynb #5b1e9a27
+def row_weights(n:Tensor, damp:float=0.)->Tensor:
+    "d_v = √(n_v + α) for rows looked up n_v times, α = (`damp` + 1e-10)·mean(n): the ridge `gram_sqrt` adds to a Gram, on its diagonal"
+    n = n.double()
+    return (n + (damp + JITTER)*n.mean().clamp_min(1e-300)).sqrt()
+
+def _row_basis(W:Tensor, n:Tensor, damp:float=0.)->tuple[Tensor,Tensor]:
+    "The right singular vectors (d×d, largest first) of D·W, D = diag(`row_weights`), and its squared singular values: from (DW)ᵀDW"
+    DW = row_weights(n, damp)[:,None]*W.double()
+    e,Q = torch.linalg.eigh(DW.mT@DW)
+    return Q.flip(-1), e.flip(-1).clamp_min(0)
+
+def embedding_data(W:Tensor, n:Tensor, rank:int, damp:float=0.)->tuple[Tensor,Tensor]:
+    """A = W·Vᵣ (V×r: the embedding) and B = Vᵣᵀ (r×d: the Linear) minimising Σ_v (n_v+α)‖w_v − (AB)_v‖², the output error on rows looked
+    up n_v times: Vᵣ the top right singular vectors of D·W (Eckart–Young on D·W)"""
+    Vr = _row_basis(W, n, damp)[0][:, :rank]
+    return W.double()@Vr, Vr.mT
+
+def embedding_errors(W:Tensor, n:Tensor, damp:float=0.)->Tensor:
+    "Relative output error ‖D(W−Ŵᵣ)‖/‖DW‖ of `embedding_data`'s fit for r = 0…min(V, d): the tail of D·W's squared singular values"
+    s2 = _row_basis(W, n, damp)[1][:min(W.shape)]
+    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+    return (tail/tail[0].clamp_min(1e-300)).sqrt()
+
 # %% ../nbs/05_calibrate.ipynb #50f12e43
-def _pads(conv:nn.Module)->list[tuple[int,int]]:
-    """(before, after) padding per spatial dim of the input `conv` reads its patches from, 'same' and 'valid' included; a transposed conv's
-    on its zero-upsampled input (negative: cropped)"""
+def _pads(conv:nn.Module, sizes=None)->list[tuple[int,int]]:
+    """(before, after) padding per spatial dim of the input (of `sizes`) `conv` reads its patches from, 'same' and 'valid' included, TF's
+    'same' of a `SameConv2d` too; a transposed conv's on its zero-upsampled input (negative: cropped)"""
     k,d,p,nd = conv.kernel_size, conv.dilation, conv.padding, len(conv.kernel_size)
+    if getattr(conv, 'dynamic_padding', False):   # padded at each call for the input's size, as `pad_same` pads
+        return [(t//2, t-t//2) for t in (same_padding(n, k[i], conv.stride[i], d[i]) for i,n in enumerate(sizes))]
     if conv.transposed: return [(d[i]*(k[i]-1)-p[i], d[i]*(k[i]-1)-p[i]+conv.output_padding[i]) for i in range(nd)]
     if p=='valid': return [(0,0)]*nd
     if p=='same': return [(t//2, t-t//2) for t in (d[i]*(k[i]-1) for i in range(nd))]
@@ -130,7 +157,7 @@ def _read_input(x:Tensor, conv:nn.Module)->tuple[Tensor,tuple]:
             up[(..., *[slice(None, None, v) for v in s])] = x
             x = up
         s = (1,)*len(s)
-    pads = [q for lh in reversed(_pads(conv)) for q in lh]   # F.pad: the last dim first
+    pads = [q for lh in reversed(_pads(conv, x.shape[2:])) for q in lh]   # F.pad: the last dim first
     if any(pads): x = F.pad(x, pads, mode='constant' if conv.padding_mode=='zeros' else conv.padding_mode)
     return x, s
 
@@ -161,20 +188,45 @@ def n_rows(x:Tensor, conv:nn.Module|None=None)->int:
     if conv is None: return x.shape[0]*math.prod(x.shape[2:])
     up = [(n-1)*v+1 for n,v in zip(x.shape[2:], conv.stride)] if conv.transposed else list(x.shape[2:])
     s = (1,)*len(up) if conv.transposed else conv.stride
-    return x.shape[0]*math.prod(_out_sizes([n+a+b for n,(a,b) in zip(up, _pads(conv))], conv, s))
+    return x.shape[0]*math.prod(_out_sizes([n+a+b for n,(a,b) in zip(up, _pads(conv, up))], conv, s))
 
 # %% ../nbs/05_calibrate.ipynb #28a1e712
 def stat_kind(layer:nn.Module, method:str)->str:
-    "'patch' (Gram of the im2col rows) or 'chan' (input-channel and output Grams) for `layer` decomposed by `method`"
+    """'patch' (Gram of the im2col rows), 'chan' (input-channel and output Grams) or, for an embedding, 'count' (how often each row is
+    looked up) for `layer` decomposed by `method`"""
+    if isinstance(layer, EMBEDDING_KINDS): return 'count'
     return 'chan' if isinstance(layer, CONV_KINDS) and any(k > 1 for k in layer.kernel_size) and method=='tucker' else 'patch'
 
 def _width(layer:nn.Module)->int: return kernel(layer)[0,0].numel()   # a patch row of one group: I·k₁⋯k_nd (transposed convs too)
+
+def lookups(emb:nn.Module, x:Tensor, offsets:Tensor|None=None, per_sample_weights:Tensor|None=None)->tuple[Tensor,Tensor]:
+    """(rows, coefficients): each row an embedding call looks up, once per output (a lookup, or a bag) it enters, with its coefficient
+    there: 1; in an EmbeddingBag's sum its `per_sample_weights` (summed over repeats), in its mean 1/(bag size); a bag's padding_idx: 0"""
+    idx = x.flatten()
+    c = torch.ones(idx.shape, dtype=torch.float64, device=idx.device)
+    if not isinstance(emb, nn.EmbeddingBag) or not len(idx): return idx, c
+    if emb.padding_idx is not None: c = c*(idx!=emb.padding_idx)            # (left out of its bag)
+    if x.ndim==2: bag = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
+    else:
+        starts = offsets[:-1] if emb.include_last_offset else offsets
+        bag = torch.searchsorted(starts, torch.arange(len(idx), device=x.device), right=True)-1
+    if per_sample_weights is not None: c = c*per_sample_weights.flatten().double()
+    elif emb.mode=='mean': c = c/torch.zeros(int(bag.max())+1, dtype=c.dtype, device=c.device).index_add_(0, bag, c)[bag].clamp_min(1)
+    keys,at = torch.unique(bag*emb.num_embeddings + idx, return_inverse=True)   # a row twice in a bag: one coefficient, their sum
+    return keys % emb.num_embeddings, torch.zeros(len(keys), dtype=c.dtype, device=c.device).index_add_(0, at, c)
+
+def layer_input(layer:nn.Module, args:tuple, kw:dict):
+    "What the statistics of `layer` read of a call (args, kwargs): its input; an EmbeddingBag's (input, offsets, per_sample_weights)"
+    if not isinstance(layer, nn.EmbeddingBag): return args[0]
+    a = {**dict(zip(('input', 'offsets', 'per_sample_weights'), args)), **kw}
+    return a['input'], a.get('offsets'), a.get('per_sample_weights')
 
 class Stats:
     "Float64 Grams of one layer's inputs (and outputs), summed over batches: fixed size, whatever the data"
     def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0):
         store_attr('layer,kind,max_rows,seed')
-        self.G = self.C = self.Cin = self.Cout = None
+        self.conv = _plain(layer)   # the geometry its patches are read with (a timm conv: its plain one's, e.g. `SameConv2d`'s padding)
+        self.G = self.C = self.Cin = self.Cout = self.N = None
         self.rows,self.memo = 0,{}   # memo: what every rank's fit shares (whitened SVDs, G+λI), computed once
 
     def cached(self, key, f):
@@ -183,8 +235,8 @@ class Stats:
         return self.memo[key]
 
     def _rows(self, x, conv, idx):
-        if isinstance(self.layer, nn.Linear): return x.reshape(-1, 1, x.shape[-1])[idx]
-        return patch_rows(x, conv, self.layer.groups, idx)
+        if isinstance(self.conv, nn.Linear): return x.reshape(-1, 1, x.shape[-1])[idx]
+        return patch_rows(x, conv, self.conv.groups, idx)
 
     def _idx(self, total, device, batch):
         "Rows to take from a batch: all, or `max_rows` of them drawn from the batch's own seed (the same whatever order batches come in)"
@@ -203,13 +255,18 @@ class Stats:
     @torch.no_grad()
     def update(self, x:Tensor, y:Tensor|None=None, x_ref:Tensor|None=None, y_ref:Tensor|None=None, batch:int=0):
         """Add batch number `batch`: the layer's input `x` (and output `y`); in sequential mode the dense model's `x_ref`, `y_ref` at the
-        same layer"""
-        lin = isinstance(self.layer, nn.Linear)
-        if self.kind=='patch':
-            conv = None if lin else self.layer
+        same layer; an embedding's `x`: what `layer_input` reads"""
+        lin = isinstance(self.conv, nn.Linear)
+        if self.kind=='count':   # Σ c² over the lookups of each row: the diagonal of the Gram of the one-hot (or bag) inputs
+            idx,c = lookups(self.layer, *(x if isinstance(x, tuple) else (x,)))
+            n = torch.zeros(self.layer.num_embeddings, dtype=torch.float64, device=idx.device).index_add_(0, idx, c.square())
+            self.N = n if self.N is None else self.N.add_(n)
+            self.rows += len(idx)
+        elif self.kind=='patch':
+            conv = None if lin else self.conv
             total = x[...,0].numel() if lin else n_rows(x, conv)
             idx,w = self._idx(total, x.device, batch)
-            width = _width(self.layer)*getattr(self.layer, 'groups', 1)
+            width = _width(self.conv)*getattr(self.conv, 'groups', 1)
             for i in idx.split(max(1, 2**22//width)):                  # at most 4M values (32 MiB in float64) per chunk
                 r = self._rows(x, conv, i)
                 self.G = self._add(self.G, r, r, w)
@@ -226,10 +283,11 @@ class Stats:
 
     def shapes(self, paired:bool=False)->dict:
         "The shape of each Gram this kind of statistics holds (`paired`: with the sequential cross-Gram C)"
+        if self.kind=='count': return dict(N=(self.layer.num_embeddings,))
         g = getattr(self.layer, 'groups', 1)
-        I,O = self.layer.in_channels//g, self.layer.out_channels//g
-        if self.kind=='chan': return dict(Cin=(g, I, I), Cout=(g, O, O))
-        n = _width(self.layer)
+        if self.kind=='chan': return dict(Cin=(g, self.layer.in_channels//g, self.layer.in_channels//g),
+                                          Cout=(g, self.layer.out_channels//g, self.layer.out_channels//g))
+        n = _width(self.conv)
         return dict(G=(g, n, n), **(dict(C=(g, n, n)) if paired else {}))
 
     def all_reduce(self, paired:bool=False)->Stats:
@@ -242,7 +300,7 @@ class Stats:
             dist.all_reduce(v); setattr(self, a, v)
         rows = torch.tensor([self.rows], dtype=torch.float64, device=dev)
         dist.all_reduce(rows); self.rows = int(rows.item())
-        if not self.rows: self.G = self.C = self.Cin = self.Cout = None
+        if not self.rows: self.G = self.C = self.Cin = self.Cout = self.N = None
         return self
 
 # %% ../nbs/05_calibrate.ipynb #cf5e2416
@@ -253,9 +311,22 @@ def _fingerprint(model:nn.Module)->tuple:
     sketch = lambda p: p.flatten()[::max(1, p.numel()//64)].double().sum().item()   # 64 entries of each tensor, summed
     with torch.no_grad(): return tuple((tuple(p.shape), sketch(p)) for p in model.parameters())
 
+def _open_attention(ref:nn.Module, name:str)->list[str]:
+    """The names to stream statistics for at layer `name` of the dense copy `ref`: an attention's projections, which it puts in as Linears
+    (an exact `FactorizedMHA` of whole ones) to see their inputs; any other layer's own"""
+    m = ref.get_submodule(name)
+    if not isinstance(m, nn.MultiheadAttention): return [name]
+    ref.set_submodule(name, attention_svd(m, {}))
+    for e in ref.modules():   # its nested-tensor fast path reads packed weights that a FactorizedMHA does not hold (as in `swap`)
+        if isinstance(e, nn.TransformerEncoder): e.use_nested_tensor = False
+    return [f"{name}.{p}_proj" for p in PROJECTIONS]
+
 class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
-    def takes(self, layer:nn.Module)->bool: return not isinstance(layer, EMBEDDING_KINDS)   # an embedding's rows: weight-only
+    def note(self, layer:nn.Module)->str:
+        "What the report says of `layer`'s factors: an attention's in a sequential calibration are fitted on the dense model's inputs"
+        if not (self.sequential and isinstance(layer, nn.MultiheadAttention)): return ''
+        return "data-aware on the dense model's inputs: a sequential calibration fits an attention's projections as the others' are not"
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches, or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use sees the same ones
                  sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it
@@ -288,8 +359,8 @@ class Calibration(Calibrator):
                              "materialize the model (e.g. model.to_empty(device='cpu') and load its state_dict) first")
         fp = _fingerprint(model)
         if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work = {},{},{},fp,None   # new weights: statistics anew
-        self.model,self.names = model,[n for n in names if self.takes(model.get_submodule(n))]
-        self.ref = copy.deepcopy(model).eval()
+        self.model,self.ref = model,copy.deepcopy(model).eval()
+        self.names = [q for n in names if self.takes(model.get_submodule(n)) for q in _open_attention(self.ref, n)]
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
         self.batches()
         return self
@@ -308,7 +379,8 @@ class Calibration(Calibrator):
         kinds = kinds or [(n, stat_kind(self.ref_mods[n], method)) for n in (self.names if names is None else names)]
         st = {(n,k): Stats(self.ref_mods[n], k, self.max_rows) for n,k in kinds if (n,k) not in self.stats}
         if not st: return self
-        hooks,at = [self.ref_mods[n].register_forward_hook(lambda m,i,o,s=s: s.update(i[0], o, batch=at[0])) for (n,_),s in st.items()],[0]
+        hook = lambda s: lambda m,a,kw,o: s.update(layer_input(m, a, kw), o, batch=at[0])
+        hooks,at = [self.ref_mods[n].register_forward_hook(hook(s), with_kwargs=True) for (n,_),s in st.items()],[0]
         try:
             with evaluating(self.ref):
                 for i,x in enumerate(self.xs): at[0] = i; self._forward(self.ref, x, i)
@@ -331,6 +403,10 @@ class Calibration(Calibrator):
         finally:
             for h in hooks: h.remove()
         self.stats[(name,kind,'seq')] = s.all_reduce(paired=True)
+
+    def parts(self, name:str)->list[str]:
+        "The names of the layers of the dense copy whose statistics fit layer `name`: its own; an attention's projections' (`q_proj`, ...)"
+        return [f"{name}.{p}_proj" for p in PROJECTIONS] if isinstance(self.mods.get(name), nn.MultiheadAttention) else [name]
 
     def layer_stats(self, name:str, layer:nn.Module, method:str, sequential:bool|None=None)->Stats:
         """The statistics of layer `name` for `method` (`sequential`: this calibration's mode by default), streamed now (for every prepared
@@ -358,9 +434,17 @@ def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
     for l,w in zip(blk, [U_in.mT]*(ri<I) + [core] + [U_out]*(ro<O)): _set(l, w)
     return blk
 
+def _fit_embedding(blk:Factorized, layer:nn.Module, st:Stats, damp:float)->Factorized:
+    "`blk`'s factors fitted to the row counts of `st`: the embedding W·Vᵣ, the Linear Vᵣᵀ (`embedding_data`), their scales balanced"
+    V = st.cached('rows', lambda: _row_basis(layer.weight.detach(), st.N, damp)[0])[:, :blk.rank]   # (every rank's: one basis)
+    A,B = balance(layer.weight.detach().double()@V, V.mT)
+    for l,w in zip(blk, (A, B.mT)): _set(l, w)
+    return blk
+
 def _fit_block(blk:Factorized, layer:nn.Module, st:Stats, damp:float)->Factorized:
     """Replace the factors of the weight-only block `blk` of `layer` by data-aware ones from the statistics `st`, their scales balanced as
     the weight-only builders' are"""
+    if isinstance(layer, EMBEDDING_KINDS): return _fit_embedding(blk, layer, st, damp)
     K = _kernel_2d(layer).double()   # the 2-D layout (n-D kernels too): a patch row is its I·kh·kw columns
     if blk.method=='tucker': return _fit_tucker(blk, K, st, damp)
     W = st.cached('W', lambda: data_target(K.flatten(-3), st.G, st.C, damp))
@@ -391,22 +475,33 @@ def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
         if (k := (id(layer.weight), rank)) not in cache: cache[k] = conv_cp(layer, rank)
         return copy.deepcopy(cache[k])
     blk = shell(layer, 'svd' if isinstance(layer, nn.Linear) else method, rank, init=False)
-    return fill(blk, bias=None if layer.bias is None else layer.bias.detach())
+    return fill(blk, bias=None if getattr(layer, 'bias', None) is None else layer.bias.detach())   # (an embedding has none)
 
 @patch
 def build(self:Calibration, name:str, layer:nn.Module, method:str, rank, sequential:bool|None=None)->Factorized|None:
     """The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it (`sequential`: this
-    calibration's mode by default)"""
+    calibration's mode by default); an attention's: a `FactorizedMHA` of its projections `rank` {projection: rank}"""
     if not self.takes(layer): return None
-    st = self.layer_stats(name, layer, method, sequential)
+    if isinstance(layer, nn.MultiheadAttention): return _attention_block(self, name, layer, rank)
+    st = self.layer_stats(name, layer, method, False if isinstance(layer, EMBEDDING_KINDS) else sequential)   # (indices: the dense model's)
     if st.rows==0: return None
     return _fit_block(_blank(layer, method, rank, self._cp), layer, st, self.damp)
+
+def _attention_block(cal:Calibration, name:str, mha:nn.MultiheadAttention, ranks:dict)->FactorizedMHA:
+    """`mha` as a `FactorizedMHA` whose projections in `ranks` are fitted to their inputs in the dense model (those no data reached:
+    weight-only), the others whole"""
+    lins = projections(mha)
+    def fit(p):
+        blk = cal.build(f"{name}.{p}_proj", lins[p], 'svd', ranks[p], sequential=False)
+        return linear_svd(lins[p], ranks[p]) if blk is None else blk
+    return FactorizedMHA(mha, {p: fit(p) if p in ranks else l for p,l in lins.items()})
 
 @patch
 def errors(self:Calibration, name:str)->Tensor:
     "Relative output error of layer `name` on the calibration data at each rank r = 0…full of its (whitened) SVD: exact"
     layer = self.ref_mods[name]
     st = self.layer_stats(name, layer, 'svd')
+    if isinstance(layer, EMBEDDING_KINDS): return embedding_errors(layer.weight.detach(), st.N, self.damp)
     return output_errors(data_target(kernel(layer).flatten(2), st.G, st.C, self.damp), st.G, self.damp)
 
 # %% ../nbs/05_calibrate.ipynb #b10c4a11
@@ -497,9 +592,12 @@ def blocks(self:Calibration, items:list)->dict:
     """{name: data-aware block, or None (weight-only)} for `items` [(name, layer, method, rank)]; sequential: all of them in one lockstep
     pass"""
     fit = [it for it in items if self.takes(it[1])]   # the others: weight-only
-    if self.sequential: return _Lockstep(self, fit)()
-    self.collect(kinds=[(n, stat_kind(l, m)) for n,l,m,_ in fit])
-    return {n: self.build(n, l, m, r) for n,l,m,r in fit}
+    # an embedding's inputs are indices, the same in the dense model; an attention's projections: fitted on the dense model's inputs
+    alone = [it for it in fit if not self.sequential or isinstance(it[1], (nn.MultiheadAttention, *EMBEDDING_KINDS))]
+    seq = [it for it in fit if it[0] not in {n for n,*_ in alone}]
+    built = _Lockstep(self, seq)() if seq else {}
+    if alone: self.collect(kinds=[(q, stat_kind(self.ref_mods[q], m)) for n,l,m,_ in alone for q in self.parts(n)])
+    return {**built, **{n: self.build(n, l, m, r, sequential=False) for n,l,m,r in alone}}
 
 # %% ../nbs/05_calibrate.ipynb #c2e7d913
 def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:
@@ -519,9 +617,11 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     SSᵀ): exact for SVD, from the built factors otherwise"""
     if not self.takes(layer): return np.array([np.nan]*len(ranks))      # weight errors, then
     names = self.names if name in self.names else [name]               # one pass for every prepared layer, not one per layer
-    kinds = [(n, k) for n in names for k in dict.fromkeys(('patch', stat_kind(self.ref_mods[n], method)))]
-    st = self.collect(kinds=kinds).stats[(name, 'patch')]
+    kinds = [(n, k) for n in names for l in [self.ref_mods[n]] for k in dict.fromkeys((stat_kind(l, 'svd'), stat_kind(l, method)))]
+    st = self.collect(kinds=kinds).stats[(name, stat_kind(layer, 'svd'))]
     if st.rows==0: return np.array([np.nan]*len(ranks))                  # no data reached it: no curve to go by
+    if isinstance(layer, EMBEDDING_KINDS):   # its rows' weighted error, exact: the tail of D·W's singular values
+        return embedding_errors(layer.weight.detach(), st.N, self.damp).square()[torch.tensor(ranks)].numpy()
     W = kernel(layer).flatten(2).double()
     if method=='svd': return output_errors(W, st.G, self.damp).square()[torch.tensor(ranks)].numpy()
     S = st.cached('S', lambda: gram_sqrt(st.G, self.damp)[0])

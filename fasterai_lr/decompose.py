@@ -24,8 +24,9 @@ from .layers import _src
 __all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer',
            'Attention_Decomposer', 'layer_shapes', 'layer_costs', 'layer_ops', 'layer_attrs', 'source_reader',
            'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe', 'read_reason',
-           'move_hooks', 'RankRule', 'candidates', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected',
-           'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
+           'move_hooks', 'RankRule', 'candidates', 'attention_parts', 'split_attention', 'join_attention',
+           'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen', 'choices', 'swap',
+           'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -92,11 +93,14 @@ def layer_shapes(model:nn.Module, sample, names)->dict:
         for h in hooks: h.remove()
     return shapes
 
+def _queries(mha:nn.MultiheadAttention, shapes)->int:
+    "How many queries L a sample of an attention's input `shapes` holds (batch_first N×L×E, L×N×E, or unbatched L×E)"
+    return (shapes[0][-2] if mha.batch_first or len(shapes[0])==2 else shapes[0][0]) if shapes else 1
+
 def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->tuple[int,int|None]:
     "(parameters, multiply-adds per sample or None without `shapes`) of `layer`'s weights, or of its `method` factorization at `rank`"
     if isinstance(layer, nn.MultiheadAttention):   # L queries a sample (self-attention: over L keys)
-        L = (shapes[0][-2] if layer.batch_first or len(shapes[0])==2 else shapes[0][0]) if shapes else 1
-        p,m = attention_costs(layer.embed_dim, layer.kdim, layer.vdim, rank if method else None, L)
+        p,m = attention_costs(layer.embed_dim, layer.kdim, layer.vdim, rank if method else None, _queries(layer, shapes))
         return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
     K = kernel(layer)
     (G,O,I,*ks),nd = K.shape, K.ndim-3
@@ -293,9 +297,33 @@ def candidates(model:nn.Module, method:str='tucker', sample=None, layers=None, e
     todo = select_layers(model, tuple(LAYER_METHODS), layers, exclude, head=head)
     for n,m in todo:   # (settings a block cannot keep, and attention: `skip_reason`)
         if not isinstance(m, nn.MultiheadAttention): check_layer(m, layer_kind(m), n, settings=False)
-    cands = screen(model, todo, None, method, sample, calib)[1]
-    # the layers `decompose_model` leaves (tied, read, ...) are left out; attention too (the rank options take it, not yet the budgets)
-    return [c for c in cands if not isinstance(c[1], nn.MultiheadAttention)]
+    return screen(model, todo, None, method, sample, calib)[1]   # (the layers `decompose_model` leaves, tied, read, ...: left out)
+
+def attention_parts(name:str, mha:nn.MultiheadAttention, shapes=None)->list:
+    """The candidates (f'{name}.{p}_proj', a Linear copy, 'svd', its shapes) that attention `name` is to a rank rule: its four
+    projections, each run on the L tokens of a sample (S = L keys, as `layer_costs` counts an attention)"""
+    L = _queries(mha, shapes)
+    shp = lambda l: ((1, L, l.in_features), (1, L, l.out_features), shapes[2] if len(shapes) > 2 else 1) if shapes else None
+    return [(f"{name}.{p}_proj", l, 'svd', shp(l)) for p,l in projections(mha).items()]
+
+def split_attention(cands:list)->tuple[list,dict]:
+    """`cands` [(name, layer, method, shapes)] with each attention as its projections (`attention_parts`), and {projection's name:
+    (attention's name, projection)}"""
+    out,parts = [],{}
+    for c in cands:
+        if not isinstance(c[1], nn.MultiheadAttention): out.append(c); continue
+        ps = attention_parts(c[0], c[1], c[3])
+        out += ps; parts.update({n: (c[0], p) for (n,*_),p in zip(ps, PROJECTIONS)})
+    return out, parts
+
+def join_attention(plan:dict, parts:dict)->dict:
+    """`plan` with the projections `parts` names ({name: (attention, projection)}) gathered: one entry ('svd', {projection: rank}) an
+    attention, those it leaves out stay whole"""
+    out = {}
+    for k,v in plan.items():
+        if k in parts: a,p = parts[k]; out.setdefault(a, ('svd', {}))[1][p] = v[1] if isinstance(v, tuple) else v   # (or ('svd', r))
+        else: out[k] = v
+    return out
 
 class ModelBudget(RankRule):
     """A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and
@@ -321,6 +349,9 @@ class Calibrator:
     def takes(self, layer:nn.Module)->bool:
         "Whether it fits `layer` (else the layer gets weight-only factors, and the report says so): every layer by default"
         return True
+    def note(self, layer:nn.Module)->str:
+        "What the report says of the factors it gives `layer`: '' where it fits the layer as it fits the others"
+        return '' if self.takes(layer) else f"weight-only factors: the calibration does not fit an {type(layer).__name__}"
 
 # %% ../nbs/03_decompose.ipynb #b81cfcbd
 def _pruned(model): return next(((n, h._tensor_name) for n,m in model.named_modules() for h in m._forward_pre_hooks.values()
@@ -360,7 +391,9 @@ def _check_rank_dict(plan:dict, mods:dict):
         if not isinstance(mods.get(n), (*LAYER_METHODS, Factorized)):   # (a Factorized one: decomposed by an earlier pass or stage)
             raise ValueError(f"rank= names {n!r}, which is not a layer to decompose; pass names of Linear/Conv2d (or other conv) layers as in model.named_modules(), e.g. "
                              f"{[k for k,m in mods.items() if isinstance(m, tuple(LAYER_METHODS))][:3]}")
-        if v is not None: rank_option(rank=_plan_rank(v), name=n)
+        if v is None: continue
+        if isinstance(mods[n], nn.MultiheadAttention): attention_ranks(mods[n], rank=_plan_rank(v), name=n)   # (or {projection: rank})
+        else: rank_option(rank=_plan_rank(v), name=n)
 
 def first_names(plan:dict, model:nn.Module)->dict:
     "`plan` keyed by the names `named_modules()` gives: a layer used at several places may be named by any of them"
@@ -550,8 +583,7 @@ def decompose_layers(model:nn.Module, kinds, method:str, methods, layers=None, e
     rows,cands,shapes,follow = screen(new, todo, out, method, sample, w.calib)                 # screen
     items = choices(new, cands, rows, w, sample)                                                # plan
     built = w.calib.prepare(new, [n for n,*_ in items]).blocks(items) if w.calib is not None else {}
-    for n,m,*_ in (items if w.calib is not None else []):
-        if not w.calib.takes(m): _note(rows[n], f"weight-only factors: the calibration does not fit an {type(m).__name__}")
+    for n,m,*_ in (items if w.calib is not None else []): _note(rows[n], w.calib.note(m))
     swap(new, items, built, follow, rows, shapes, quiet)                                        # build
     return _unshared(new, model), as_report(rows)                                               # report
 

@@ -18,7 +18,7 @@ from .factorize import *
 from .core import *
 from .layers import *
 from .decompose import *
-from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, _prepare
+from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan, _prepare
 
 # %% auto #0
 __all__ = ['LATENCIES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
@@ -192,9 +192,8 @@ def choose(t0:float, times, errors, margin:float=0.05, tol:float=0.1)->int|None:
 
 # %% ../nbs/07_latency.ipynb #b08b4ae7
 def _layer_rows(self, model, cands, sample, calib=None):
-    shapes = _shapes(model, cands, sample if sample is not None else self.sample)
-    for n,layer,meth,_ in cands:
-        shp = shapes[n]
+    "Per candidate (its shapes known): its costs and time, its options measured beside it, their times and errors"
+    for n,layer,meth,shp in cands:
         options = [o for m in _methods(layer, meth, self.methods) for o in keep_options(layer, m, self.keep, self.steps)]
         p0,m0,opts,t0,ts = _timed(self.timer, layer, options, shp)
         yield n, layer, shp, p0, m0, t0, opts, ts, _errors(layer, opts, calib, n)
@@ -203,7 +202,9 @@ def _layer_rows(self, model, cands, sample, calib=None):
 def ranks(self:LatencyAware, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     "{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] where a factorization is measured faster"
     plan,rows = {},[]
-    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, candidates, sample, _prepare(calib, model, candidates)):
+    shapes = _shapes(model, candidates, sample if sample is not None else self.sample)
+    cands,parts = split_attention([(n, l, m, shapes[n]) for n,l,m,_ in candidates])   # an attention: each projection on its own
+    for n,layer,shp,p0,m0,t0,opts,ts,errs in _layer_rows(self, model, cands, sample, _prepare(calib, model, candidates)):
         i = choose(t0, ts, errs, self.margin, self.tol)
         row = dict(layer=n, method=None, rank=None, params=p0, params_after=p0, macs=m0, macs_after=m0, ms=t0*1e3, ms_after=t0*1e3,
                    error=0.)
@@ -214,7 +215,7 @@ def ranks(self:LatencyAware, model:nn.Module, candidates:list, sample=None, cali
             row.update(method=opts[i][0], rank=opts[i][1], params_after=p1, macs_after=m1, ms_after=ts[i]*1e3, error=errs[i], note='')
         rows.append(row)
     self.report = pd.DataFrame(rows).assign(speedup=lambda d: d.ms/d.ms_after, mac_ratio=lambda d: d.macs/d.macs_after)
-    return plan
+    return join_attention(plan, parts)
 
 # %% ../nbs/07_latency.ipynb #a4eb6ac1
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)   # no-ops at inference
@@ -378,15 +379,15 @@ def _options(layer, method, methods, fracs, round_to):
 
 def _curves(self, model, cands, sample, calib=None):
     shapes,curves = _shapes(model, cands, sample),[]
-    for n,layer,meth,_ in cands:
-        shp = shapes[n]
+    cands,parts = split_attention([(n, l, m, shapes[n]) for n,l,m,_ in cands])   # an attention: a curve a projection
+    for n,layer,meth,shp in cands:
         p0,m0,opts,t0,ts = _timed(self.timer, layer, _options(layer, meth, self.methods, self.fracs, self.round_to), shp)
         keep = [i for i,t in enumerate(ts) if t < t0]   # an option no faster than the layer is never worth its error
         opts,ts = [opts[i] for i in keep],[ts[i] for i in keep]
         cost = [layer_costs(layer, *o, shp) for o in opts] + [(p0, m0)]
         err = np.array([e*e for e in _errors(layer, opts, calib, n)] + [0.])
         c = _LatencyCurve(n, layer, 'latency', opts+[None], np.array([p for p,_ in cost], float), np.array([m for _,m in cost], float), err)
-        c.latency = np.array(ts + [t0])
+        c.latency,c.part = np.array(ts + [t0]),parts.get(n)
         curves.append(c)
     return curves
 
@@ -406,7 +407,7 @@ def _allocate(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor, b:Simp
     for _ in range(max(1, self.rounds)):
         limit = max(limit, least)
         pick = allocate(curves, limit, 'latency', self.alloc)
-        plan = {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
+        plan = curve_plan(curves, pick, bare=True)
         self.estimate = self.achieved = (b.fixed + b.s*sum(c.latency[j] for c,j in zip(curves, pick)))/b.T0
         if not self.check: break
         t_base,t_plan = self.timer.timer([b.base, b.as_run(planned(model, plan))], x)

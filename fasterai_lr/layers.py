@@ -145,8 +145,10 @@ def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
 def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
     """The `Factorized` block that `method` at `rank` makes of `layer`: factor layers of the right shapes, random weights (`init`) or none
-    set"""
+    set (an attention's: a `FactorizedMHA`, `rank` {projection: rank})"""
     if isinstance(layer, EMBEDDING_KINDS): return embedding_shell(layer, method, rank, init)
+    if isinstance(layer, nn.MultiheadAttention):   # rank: {projection: rank}, those left out whole
+        return FactorizedMHA(layer, {p: shell(l, 'svd', rank[p], init) if p in rank else l for p,l in projections(layer).items()})
     src,layer = _src(layer),_plain(layer)   # a layer in `EQUIVALENTS`: the block of the plain layer it computes
     b = layer.bias is not None
     if isinstance(layer, nn.Linear):

@@ -15,7 +15,7 @@ from .core import *
 from .layers import *
 from .decompose import *
 from .layers import _kernel_2d
-from .decompose import _check_calib
+from .decompose import _check_calib, _plan_rank
 
 # %% auto #0
 __all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
@@ -82,7 +82,11 @@ class VBMF(RankRule):
                  round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank)
         self.energy,self.round_to = _energy(energy),_round_to(round_to)
     def rank(self, layer:nn.Module, method:str):
-        "The VBMF rank of `layer` for `method`"
+        "The VBMF rank of `layer` for `method` (an attention: {projection: rank} of those it shrinks; of all four where it shrinks none)"
+        if isinstance(layer, nn.MultiheadAttention):
+            lins = projections(layer)
+            rs = {p: self.rank(l, 'svd') for p,l in lins.items()}
+            return {p: r for p,r in rs.items() if r*sum(lins[p].weight.shape) < lins[p].weight.numel()} or rs
         K,full = _kernel_2d(layer),layer_full_ranks(layer)[method]   # (the SVD and Tucker-2 matrices of a 2-D kernel)
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
         if method=='tucker': return tuple(_round_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
@@ -131,7 +135,7 @@ class Curve:
     """One layer's options: `ranks[i]` costs `params[i]` parameters and `macs[i]` MACs and leaves relative squared error `err[i]`; the last
     is the layer as it is"""
     def __init__(self, name:str, layer:nn.Module, method:str, ranks:list, params:np.ndarray, macs:np.ndarray|None, err:np.ndarray,
-                 weight=1.):
+                 weight=1., part:tuple|None=None):   # part: (attention, projection) of an attention's projection
         store_attr()
     def cost(self, by:str)->np.ndarray:
         if by=='macs' and self.macs is None: raise ValueError(f"{self.name}: MACs need the layer's input size; pass sample= (a batch or its shape)")
@@ -178,8 +182,11 @@ def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int
     return Curve(name, layer, method, ranks+[None], cat(p,p0), cat(m,m0) if shapes else None, np.append(err, 0.))
 
 def layer_curves(candidates:list, round_to:int=1, res:int=64, calib=None)->list[Curve]:
-    "A `Curve` for each of `candidates` [(name, layer, method, shapes)] that some rank makes cheaper"
-    return [c for n,l,m,s in candidates if (c := layer_curve(n, l, m, s, round_to, res, calib)) is not None]
+    "A `Curve` for each of `candidates` [(name, layer, method, shapes)] that some rank makes cheaper; an attention: one per projection"
+    cands,parts = split_attention(candidates)
+    curves = [c for n,l,m,s in cands if (c := layer_curve(n, l, m, s, round_to, res, calib)) is not None]
+    for c in curves: c.part = parts.get(c.name)
+    return curves
 
 # %% ../nbs/04_ranks.ipynb #ef9f6e82
 def _hull(cost:np.ndarray, err:np.ndarray)->list[int]:
@@ -271,9 +278,11 @@ def _option(c:Curve, j:int):
     r = c.ranks[j]
     return r if r is None or c.method=='auto' else (c.method, r)
 
-def curve_plan(curves:list[Curve], pick:list[int])->dict:
-    "{layer name: (method, rank)} for the options `pick` of `curves`; the layers kept as they are are not in it"
-    return {c.name: o for c,j in zip(curves, pick) if (o := _option(c, j)) is not None}
+def curve_plan(curves:list[Curve], pick:list[int], bare:bool=False)->dict:
+    """{layer name: (method, rank)} (`bare`: the rank as the curve holds it) for the options `pick` of `curves`; the layers kept as they
+    are are not in it; an attention's projections in one entry ('svd', {projection: rank})"""
+    plan = {c.name: o for c,j in zip(curves, pick) if (o := c.ranks[j] if bare else _option(c, j)) is not None}
+    return join_attention(plan, {c.name: c.part for c in curves if c.part is not None})
 
 def uniform_pick(curves:list[Curve], limit:float, by:str='params', method:str|None=None)->list[int]|None:
     """Every layer at the same fraction of its `by` cost (by `method` where a layer can choose), the largest fraction whose total fits in
@@ -349,7 +358,7 @@ def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[li
     """`curves` without the options `speed` models slower than their layer; {layer name: note} of the layers left whole for it; the names
     it could not check (no input size)"""
     if speed is None: return curves, {}, []
-    shapes,out,notes,unchecked = {n: s for n,_,_,s in cands},[],{},[]
+    shapes,out,notes,unchecked = {n: s for n,_,_,s in split_attention(cands)[0]},[],{},[]   # (an attention: its projections)
     for c in curves:
         if (slow := slow_options(c, speed, shapes[c.name])) is None: out.append(c); unchecked.append(c.name)
         elif (keep := ~slow).sum() > 1: out.append(_subset(c, keep))
@@ -357,8 +366,10 @@ def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[li
     return out, notes, unchecked
 
 def _subset(c:Curve, keep:np.ndarray)->Curve:
-    return Curve(c.name, c.layer, c.method, [r for r,k in zip(c.ranks, keep) if k], c.params[keep], None if c.macs is None else c.macs[keep],
-                 c.err[keep], c.weight)
+    new = Curve(c.name, c.layer, c.method, [r for r,k in zip(c.ranks, keep) if k], c.params[keep], None if c.macs is None else c.macs[keep],
+                c.err[keep], c.weight)
+    new.part = getattr(c, 'part', None)
+    return new
 
 # %% ../nbs/04_ranks.ipynb #a3d6f450
 class Budget(ModelBudget):
@@ -417,7 +428,8 @@ def _sensitive(model, curves, pick, limit, by, calib)->list:
     for c,j in zip(curves, pick):
         o = _option(c, j)
         if o is None or c.err[j] <= 1e-12: continue
-        c.weight = c.weight*max(calib.plan_error(model, {c.name: o}, n_batches=1, samples=16)**2/c.err[j], 1e-6)   # (a forward a layer)
+        e = calib.plan_error(model, curve_plan([c], [j]), n_batches=1, samples=16)   # (a forward a layer)
+        c.weight = c.weight*max(e**2/c.err[j], 1e-6)
     try: return allocate(curves, limit, by, 'greedy')
     finally:
         for c,w in zip(curves, w0): c.weight = w
@@ -452,7 +464,7 @@ def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tupl
     return every, *model_totals(model, candidates, every, self.by, sample), {}
 
 def _slow_pick(c:Curve, j:int, speed, cands:list)->bool:
-    s = slow_options(c, speed, dict((n, sh) for n,_,_,sh in cands)[c.name]) if speed is not None else None
+    s = slow_options(c, speed, {n: sh for n,_,_,sh in split_attention(cands)[0]}[c.name]) if speed is not None else None
     return s is not None and bool(s[j])
 
 @patch
@@ -474,14 +486,14 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
     if calib is not None: pick = self._check(model, curves, pick, limit, calib)
     self.achieved = (fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick)))/total
     self.report = self._report(curves, pick, candidates, slow)
-    return {c.name: c.ranks[j] for c,j in zip(curves, pick) if c.ranks[j] is not None}
+    return curve_plan(curves, pick, bare=True)
 
 @patch
 def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd.DataFrame:
     "The plan's table: a row per candidate, its option, costs, error and why it stays"
     none = 'no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if self.round_to > 1 else '')
     empty = dict(rank=None, params=None, params_after=None, macs=None, macs_after=None, error=None, weight=None)
-    rows = {n: dict(layer=n, method=m, **empty, note=slow.get(n, none)) for n,_,m,_ in candidates}
+    rows = {n: dict(layer=n, method=m, **empty, note=slow.get(n, none)) for n,_,m,_ in split_attention(candidates)[0]}   # (an attention: a row a projection)
     for c,j in zip(curves, pick):
         o,macs = _option(c, j),(lambda i: None if c.macs is None else c.macs[i])
         note = '' if o is not None else 'kept: cheaper to lose error elsewhere'
