@@ -255,7 +255,7 @@ def _fingerprint(model:nn.Module)->tuple:
 
 class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
-    def takes(self, layer:nn.Module)->bool: return not isinstance(layer, (*EMBEDDING_KINDS, *RNN_KINDS))   # embedding rows, RNNs: weight-only
+    def takes(self, layer:nn.Module)->bool: return not isinstance(layer, (*EMBEDDING_KINDS, *RNN_KINDS))   # (weight-only)
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches, or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use sees the same ones
                  sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it

@@ -80,7 +80,8 @@ def equivalent(layer:nn.Module)->nn.Module|None:
 
 def _plain(layer): return layer if (e := equivalent(layer)) is None else e
 
-Adapter = namedtuple('Adapter', 'attr build refuse')   # a parent's child `attr`; (parent, block) → the new parent; parent → why not, or None
+# the child `attr` a parent reads; build: (parent, block) → the new parent; refuse: parent → why it cannot be rebuilt, or None
+Adapter = namedtuple('Adapter', 'attr build refuse')
 ADAPTERS = {}   # (package, class name) of a module whose forward reads its child layer itself: its `Adapter`; filled by layers
 
 def adapter(parent:nn.Module, attr:str)->Adapter|None:

@@ -75,10 +75,10 @@ class Attention_Decomposer:
         return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name))
 
 class RNN_Decomposer:
-    "Decompose one-layer `nn.LSTM`/`nn.GRU`/`nn.RNN` by the truncated SVD of their input weights W_ih ≈ A·B: Linear(in, r) → the RNN on r inputs"
+    "Decompose one-layer `nn.LSTM`/`nn.GRU`/`nn.RNN` by the truncated SVD of their input weights W_ih ≈ A·B: Linear(in, r) → RNN(r, h)"
     kind,methods,report = RNN_KINDS,('svd',),None
     SVD = _per_layer('svd', rnn_svd, RNN_KINDS, 'RNN_Decomposer.SVD',
-                     "`layer` as a Linear to `rank` inputs → the RNN with weight_ih of rank `rank` (or the rank `keep`/`percent_removed`/`energy` asks for)")
+                     "`layer` as a Linear to `rank` inputs → the RNN on them (or the rank `keep`/`percent_removed`/`energy` asks for)")
 
 # %% ../nbs/03_decompose.ipynb #c33d77e7
 def _sizes(shape, nd:int)->tuple:
@@ -183,7 +183,7 @@ def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)-
     return next((hit for p in layer_paths(name, layer, mods) if (hit := _reader(p, layer, mods, only_forward))), None)
 
 def _rnn_reason(name:str, rnn:nn.Module, parents:dict)->str|None:
-    "Why one RNN must stay: more than one layer, or a weight that is no parameter of it (set at each forward) with no adapter for its parent"
+    "Why an RNN must stay: several layers, or a weight that is no parameter of it (set at each forward) and no adapter for its parent"
     try: check_rnn(rnn)
     except ValueError as e: return str(e).replace(f"{type(rnn).__name__} has", "it has", 1)
     outside = [k for k in rnn._flat_weights_names if k not in rnn._parameters]

@@ -44,8 +44,8 @@ def _geom(v): return tuple(v) if isinstance(v, (tuple, list)) else v
 def layer_key(layer:nn.Module)->tuple:
     "What a layer's latency depends on besides its input: type, geometry and dtype"
     if isinstance(layer, RNN_KINDS):
-        return (type(layer).__name__, layer.input_size, layer.hidden_size, layer.bias, layer.batch_first, layer.bidirectional, layer.proj_size,
-                str(layer.weight_ih_l0.dtype))
+        return (type(layer).__name__, layer.input_size, layer.hidden_size, layer.bias, layer.batch_first, layer.bidirectional,
+                layer.proj_size, str(layer.weight_ih_l0.dtype))
     dt = str(layer.weight.dtype)
     if isinstance(layer, nn.Linear): return ('Linear', layer.in_features, layer.out_features, layer.bias is not None, dt)
     if isinstance(layer, EMBEDDING_KINDS):

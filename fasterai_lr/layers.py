@@ -69,8 +69,8 @@ def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='', sett
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
     """The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too;
-    an embedding's V×d weight is the d×V Linear of a one-hot index; a one-layer RNN's is its input weights W_ih, both directions stacked; a
-    layer in `EQUIVALENTS`: its effective kernel)"""
+    an embedding's V×d weight is the d×V Linear of a one-hot index; a one-layer RNN's is its input weights W_ih, both directions
+    stacked; a layer in `EQUIVALENTS`: its effective kernel)"""
     layer = _plain(layer)
     if isinstance(layer, RNN_KINDS): return rnn_weight_ih(layer)[None,:,:,None,None]
     w = layer.weight.detach()
@@ -149,7 +149,8 @@ def _src(layer):
         return f"MultiheadAttention({layer.embed_dim}, {layer.num_heads}{kv})"
     if isinstance(layer, RNN_KINDS):
         opts = dict(num_layers=layer.num_layers, bidirectional=layer.bidirectional, proj_size=layer.proj_size)
-        return f"{type(layer).__name__}({layer.input_size}, {layer.hidden_size}{''.join(f', {k}={v}' for k,v in opts.items() if v not in (1, 0))})"
+        extra = ''.join(f', {k}={v}' for k,v in opts.items() if v not in (1, 0))   # (what differs from a default)
+        return f"{type(layer).__name__}({layer.input_size}, {layer.hidden_size}{extra})"
     return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
 def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
@@ -221,7 +222,7 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 
 
 def builder(layer:nn.Module, method:str):
-    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and GPT-2's Conv1D, `embedding_svd`, `attention_svd`, `rnn_svd`)"
+    "The function that factorizes `layer` by `method`: `linear_svd` for a Linear and GPT-2's Conv1D, `embedding_svd`, `attention_svd`, ..."
     if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
     if isinstance(layer, nn.MultiheadAttention): return attention_svd   # its rank: {projection: rank}
     if isinstance(layer, RNN_KINDS): return rnn_svd if method=='svd' else _rnn_method(layer, method)
@@ -491,7 +492,8 @@ def rnn_shell(rnn:nn.Module, method:str, rank:int, init:bool=True)->FactorizedRN
     check_rnn(rnn)
     w = rnn.weight_ih_l0
     opts = dict(bias=rnn.bias, batch_first=rnn.batch_first, bidirectional=rnn.bidirectional, dtype=w.dtype,
-                **({'proj_size': rnn.proj_size} if rnn.proj_size else {}), **({'nonlinearity': rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}))
+                **({'proj_size': rnn.proj_size} if rnn.proj_size else {}),
+                **({'nonlinearity': rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}))
     # (an RNN takes no skip_init: made on the meta device, then given memory)
     fs = [nn.utils.skip_init(nn.Linear, rnn.input_size, rank, bias=False, device=w.device, dtype=w.dtype),
           layer_kind(rnn)(rank, rnn.hidden_size, device='meta', **opts).to_empty(device=w.device)]
@@ -559,7 +561,7 @@ ADAPTERS.update({
     ('fastai', 'WeightDropout'): Adapter('module', lambda p,blk: FactorizedWeightDropout(p, blk), _drops_ih)})
 
 def place_block(model:nn.Module, path:str, blk:nn.Module)->None:
-    "Put `blk` at `path` of `model`; where its parent is in `ADAPTERS` (its forward reads the layer itself), a parent rebuilt around it there"
+    "Put `blk` at `path` of `model`; where the parent is in `ADAPTERS` (its forward reads the layer itself), the parent rebuilt around it"
     up,_,attr = path.rpartition('.')
     parent = model.get_submodule(up)
     if not up or (a := adapter(parent, attr)) is None: return model.set_submodule(path, blk)   # (the model itself: not rebuilt)

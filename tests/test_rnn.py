@@ -223,3 +223,20 @@ def test_copy_model():
     x = torch.randint(0, 200, (4, 12))
     m.eval(); c.eval()
     with torch.no_grad(): torch.testing.assert_close(c(x)[0], m(x)[0], rtol=0, atol=0)
+
+class TimeFirst(nn.Module):
+    "An LSTM over (time, batch, features) inputs, as nn.LSTM takes them by default"
+    def __init__(self): super().__init__(); self.lstm,self.out = nn.LSTM(16, 24),nn.Linear(24, 3)
+    def forward(self, x): return self.out(self.lstm(x)[0])
+
+def test_latency_rules_and_calibration():
+    from fasterai_lr.latency import LatencyAware, LayerTimer
+    from fasterai_lr.calibrate import Calibration
+    torch.manual_seed(0); m = TimeFirst().eval(); x = torch.randn(7, 2, 16)
+    seen = []
+    def timer(mods, xb): seen.append(tuple(xb.shape)); return [1/(1+i) for i in range(len(mods))]   # every option faster
+    new,rep = decompose_model(m, rank=LatencyAware(keep=0.5, timer=timer, sample=x), quiet=True)
+    # timed at batch 1 in dim 1, time steps first (sample= gives one item of dim 0, as for every model: here one time step)
+    assert isinstance(new.lstm, FactorizedRNN) and seen and all(s[1:]==(1, 16) for s in seen), (rep, seen)
+    new,rep = decompose_model(m, keep=0.5, calib=Calibration([x]), quiet=True)
+    assert isinstance(new.lstm, FactorizedRNN) and 'weight-only' in rep.set_index('layer').loc['lstm', 'note'], rep.note
