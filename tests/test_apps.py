@@ -98,7 +98,7 @@ def test_text_classifier_learner(tmp_path):
     enc = learn.model[0].module
     assert isinstance(enc.encoder_dp, FactorizedEmbeddingDropout) and enc.encoder_dp.emb is enc.encoder, "the embedding was not decomposed"
     assert all(isinstance(r, FactorizedWeightDropout) for r in enc.rnns), "the LSTMs were not decomposed"
-    assert n_params(learn.model) < 0.75*p0, (n_params(learn.model), p0)
+    assert n_params(learn.model) < 0.8*p0, (n_params(learn.model), p0)   # (weight_hh, most of the rest, is not factorized)
 
 # ---- time series: a 1-D CNN (as tsai's ResNet or InceptionTime are) on synthetic series
 
