@@ -324,9 +324,11 @@ def _open_attention(ref:nn.Module, name:str)->list[str]:
 class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
     def note(self, layer:nn.Module)->str:
-        "What the report says of `layer`'s factors: an attention's in a sequential calibration are fitted on the dense model's inputs"
+        "What the report says of `layer`'s factors: weight-only (an RNN's); an attention's in a sequential calibration fitted on the dense model's inputs"
+        if not self.takes(layer): return super().note(layer)
         if not (self.sequential and isinstance(layer, nn.MultiheadAttention)): return ''
         return "data-aware on the dense model's inputs: a sequential calibration fits an attention's projections as the others' are not"
+    def takes(self, layer:nn.Module)->bool: return not isinstance(layer, RNN_KINDS)   # (an RNN's input weights: weight-only)
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches, or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use sees the same ones
                  sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it

@@ -6,7 +6,8 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/core.html.md"""
 
 # %% ../nbs/01_core.ipynb #9d67f941
 from __future__ import annotations
-import itertools, math, numbers, statistics, time, torch
+import copy, itertools, math, numbers, statistics, time, torch
+from collections import namedtuple
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Callable
@@ -16,11 +17,12 @@ from fastai.data.core import DataLoaders
 from .factorize import all_finite
 
 # %% auto #0
-__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'LAYER_METHODS', 'EQUIVALENTS', 'HEAD_NOTE', 'Factorized',
-           'FactorizedBag', 'FactorizedModule', 'equivalent', 'layer_kind', 'kind_names', 'layer_method',
-           'check_number', 'placement', 'sample_input', 'random_batch', 'to_model', 'describe_inputs', 'evaluating',
-           'unwrap', 'under', 'module_paths', 'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs',
-           'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
+__all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'RNN_KINDS', 'LAYER_METHODS', 'EQUIVALENTS', 'Adapter',
+           'ADAPTERS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag', 'FactorizedRNN', 'FactorizedModule', 'equivalent',
+           'adapter', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'sample_input',
+           'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'copy_model', 'under', 'module_paths',
+           'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors',
+           'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -40,6 +42,14 @@ class FactorizedBag(Factorized):
         for l in list(self)[1:]: x = l(x)
         return x
 
+class FactorizedRNN(Factorized):
+    """A `Factorized` one-layer RNN (`nn.LSTM`, `nn.GRU`, `nn.RNN`): a Linear to the rank, then the RNN of that input size; `hx` goes to
+    the RNN, a `PackedSequence` input through the Linear packed as it came"""
+    def forward(self, input, hx=None):
+        x = self[0](input) if isinstance(input, Tensor) else input._replace(data=self[0](input.data))   # (a PackedSequence: its data)
+        return self[1](x, hx)
+    def flatten_parameters(self): self[1].flatten_parameters()   # what code calls on an RNN it holds
+
 # %% ../nbs/01_core.ipynb #5b0e7c2d
 class FactorizedModule(nn.Module):
     "Base of a block of factor layers that replaces one layer but does not run them in sequence (attention); with its `method`, `rank`"
@@ -53,9 +63,10 @@ DECOMPOSED = (Factorized, FactorizedModule)   # what a decomposition puts in a l
 METHODS = dict(tucker='Tucker', cp='CP', svd='SVD', spatial='Spatial')   # method: its per-layer call (the first: convolutions' default)
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # what the per-layer calls take
 EMBEDDING_KINDS = (nn.Embedding, nn.EmbeddingBag)   # SVD of the V×d weight
+RNN_KINDS = (nn.LSTM, nn.GRU, nn.RNN)   # one layer: SVD of the input weights W_ih (both directions stacked)
 LAYER_METHODS = {nn.Linear: ('svd',),   # kind of layer: the methods it takes (a 1-D conv: no spatial split)
                  **{k: tuple(m for m in METHODS if m!='spatial' or k not in (nn.Conv1d, nn.ConvTranspose1d)) for k in CONV_KINDS},
-                 **{k: ('svd',) for k in EMBEDDING_KINDS}, nn.MultiheadAttention: ('svd',)}
+                 **{k: ('svd',) for k in EMBEDDING_KINDS}, nn.MultiheadAttention: ('svd',), **{k: ('svd',) for k in RNN_KINDS}}
 
 EQUIVALENTS = {}   # (package, class name): layer → the plain layer computing the same; filled by layers ("Layers that only reshape")
 
@@ -68,6 +79,16 @@ def equivalent(layer:nn.Module)->nn.Module|None:
     return None if f is None else f(layer)
 
 def _plain(layer): return layer if (e := equivalent(layer)) is None else e
+
+# the child `attr` a parent reads; build: (parent, block) → the new parent; refuse: parent → why it cannot be rebuilt, or None
+Adapter = namedtuple('Adapter', 'attr build refuse')
+ADAPTERS = {}   # (package, class name) of a module whose forward reads its child layer itself: its `Adapter`; filled by layers
+
+def adapter(parent:nn.Module, attr:str)->Adapter|None:
+    "The `Adapter` that rebuilds `parent` (its class matched by package and name) around a block in place of its child `attr`, or None"
+    cls = type(parent)   # matched by name: fastai.text is not imported
+    a = ADAPTERS.get((cls.__module__.partition('.')[0], cls.__name__))
+    return a if a is not None and a.attr==attr else None
 
 def layer_kind(layer:nn.Module)->type|None:
     "The kind of layer (a key of `LAYER_METHODS`) that `layer` is (a layer in `EQUIVALENTS`: its plain layer's), or None"
@@ -152,6 +173,16 @@ def evaluating(model:nn.Module):
 def unwrap(model:nn.Module)->nn.Module:
     "The model a DataParallel/DistributedDataParallel wraps, or `model`"
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+def _non_leaf(model:nn.Module)->dict:
+    "{id: tensor} of the tensors that are no graph leaves held in `model`'s modules' attributes (or lists of them), not as parameters"
+    ts = [t for m in model.modules() for v in vars(m).values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+    return {id(t): t for t in ts if isinstance(t, Tensor) and t.grad_fn is not None}
+
+def copy_model(model:nn.Module, memo:dict|None=None)->nn.Module:
+    """`copy.deepcopy(model, memo)`, with a detached copy of each tensor that is no graph leaf (which `deepcopy` refuses): a weight that a
+    wrapper computes at each forward, such as fastai's `WeightDropout` puts in its LSTM"""
+    return copy.deepcopy(model, {**{k: t.detach().clone() for k,t in _non_leaf(model).items()}, **(memo or {})})
 
 # %% ../nbs/01_core.ipynb #886a44bc
 def under(name:str, names)->bool:

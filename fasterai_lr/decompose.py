@@ -22,11 +22,11 @@ from .layers import _src
 
 # %% auto #0
 __all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_Decomposer', 'Conv_Decomposer',
-           'Attention_Decomposer', 'layer_shapes', 'layer_costs', 'layer_ops', 'layer_attrs', 'source_reader',
-           'skip_reason', 'tied_params', 'tie_groups', 'tied_block', 'watching_reads', 'probe', 'read_reason',
-           'move_hooks', 'RankRule', 'candidates', 'attention_parts', 'split_attention', 'join_attention',
-           'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected', 'screen', 'choices', 'swap',
-           'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
+           'Attention_Decomposer', 'RNN_Decomposer', 'layer_shapes', 'layer_costs', 'layer_ops', 'layer_attrs',
+           'layer_paths', 'adapted', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups', 'tied_block',
+           'watching_reads', 'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates', 'attention_parts',
+           'split_attention', 'join_attention', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected',
+           'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
@@ -74,6 +74,12 @@ class Attention_Decomposer:
         check_attention(layer, name, 'Attention_Decomposer.SVD')
         return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name))
 
+class RNN_Decomposer:
+    "Decompose one-layer `nn.LSTM`/`nn.GRU`/`nn.RNN` by the truncated SVD of their input weights W_ih ≈ A·B: Linear(in, r) → RNN(r, h)"
+    kind,methods,report = RNN_KINDS,('svd',),None
+    SVD = _per_layer('svd', rnn_svd, RNN_KINDS, 'RNN_Decomposer.SVD',
+                     "`layer` as a Linear to `rank` inputs → the RNN on them (or the rank `keep`/`percent_removed`/`energy` asks for)")
+
 # %% ../nbs/03_decompose.ipynb #c33d77e7
 def _sizes(shape, nd:int)->tuple:
     "The `nd` spatial sizes of a conv's input or output `shape` (batched or not)"
@@ -82,16 +88,30 @@ def _sizes(shape, nd:int)->tuple:
 def layer_shapes(model:nn.Module, sample, names)->dict:
     "(input shape, output shape, calls) of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
     x,shapes,mods = sample_input(model, sample),{},dict(model.named_modules())
-    def seen(n, i, o):   # a module used twice runs twice; attention gives (output, weights)
-        shapes[n] = (tuple(i[0].shape), tuple((o[0] if isinstance(o, tuple) else o).shape), shapes.get(n, (0,0,0))[2]+1)
-    hooks = [mods[n].register_forward_hook(lambda m,i,o,n=n: seen(n, i, o)) for n in names]
+    shape = lambda t: tuple((t if isinstance(t, Tensor) else t.data).shape)   # (an RNN's PackedSequence: its data, all steps)
+    def seen(n, i, o):   # a module used twice runs twice; attention gives (output, weights), an RNN (output, state)
+        shapes[n] = (shape(i[0]), shape(o[0] if isinstance(o, tuple) else o), shapes.get(n, (0,0,0))[2]+1)
+    via = {p.rpartition('.')[0]: n for n in names for p in layer_paths(n, mods[n], mods) if adapted(p, mods)}   # parents in `ADAPTERS`
+    hooks = [mods[k].register_forward_hook(lambda m,i,o,k=k: seen(k, i, o)) for k in dict.fromkeys([*names, *via])]
     try:
         with evaluating(model), torch.no_grad(): model(x)
     except Exception as e: raise ValueError(f"sample= of shape {tuple(x.shape)} does not run through the model ({type(e).__name__}: {e}); "
                                             "pass an input batch the model takes, or the shape of one input, e.g. sample=(3, 224, 224)") from e
     finally:
         for h in hooks: h.remove()
-    return shapes
+    out = {n: s for n,s in shapes.items() if n in names}
+    for p,n in via.items():   # a layer that its parent reads itself (fastai's EmbeddingDropout) is not called: the parent's shapes are its
+        if n not in out and p in shapes: out[n] = shapes[p]
+    return out
+
+def _rnn_costs(rnn, method, rank, shapes):
+    "An RNN's `layer_costs`: of its input weights W_ih (O×I), O·I or r(O+I), at each time step of a sample"
+    O,I = kernel(rnn).shape[1:3]
+    p = O*I if method is None else rank*(O+I)
+    if not shapes: return p, None
+    i,calls = shapes[0],(shapes[2] if len(shapes) > 2 else 1)
+    steps = i[1] if rnn.batch_first and len(i)==3 else i[0]   # (T, in), (T, N, in) or (N, T, in); a PackedSequence's (steps of all, in)
+    return p, p*steps*calls
 
 def _queries(mha:nn.MultiheadAttention, shapes)->int:
     "How many queries L a sample of an attention's input `shapes` holds (batch_first N×L×E, L×N×E, or unbatched L×E)"
@@ -102,6 +122,7 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
     if isinstance(layer, nn.MultiheadAttention):   # L queries a sample (self-attention: over L keys)
         p,m = attention_costs(layer.embed_dim, layer.kdim, layer.vdim, rank if method else None, _queries(layer, shapes))
         return p, (m*(shapes[2] if len(shapes) > 2 else 1) if shapes else None)
+    if isinstance(layer, RNN_KINDS): return _rnn_costs(layer, method, rank, shapes)
     K = kernel(layer)
     (G,O,I,*ks),nd = K.shape, K.ndim-3
     lin,emb = isinstance(layer, nn.Linear),isinstance(layer, EMBEDDING_KINDS)
@@ -116,8 +137,8 @@ def layer_costs(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->
 
 def layer_ops(layer:nn.Module, method:str|None=None, rank=None, shapes=None)->list|None:
     """Per op of `layer` (or of its `method` factorization at `rank`), each call: (parameters, multiply-adds, input values, output values)
-    per sample, as `factor_costs` counts them; None without `shapes`, and for attention and embeddings (not modelled)"""
-    if not shapes or isinstance(layer, (nn.MultiheadAttention, *EMBEDDING_KINDS)): return None
+    per sample, as `factor_costs` counts them; None without `shapes`, and for attention, embeddings and RNNs (not modelled)"""
+    if not shapes or isinstance(layer, (nn.MultiheadAttention, *EMBEDDING_KINDS, *RNN_KINDS)): return None
     K = kernel(layer)
     (G,O,I,*ks),nd = K.shape, K.ndim-3
     if isinstance(layer, nn.Linear):   # a conv without spatial dims, once per token
@@ -152,16 +173,38 @@ def _path_pattern(rel:str)->str:
     "`rel` (a module path such as 'body.0') as code spells it: `.body.0`, `.body[0]`"
     return ''.join(rf"(?:\.\s*{p}|\[\s*{p}\s*\])" if p.isdigit() else rf"\.\s*{re.escape(p)}" for p in rel.split('.'))
 
-def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)->str|None:
-    """The method of an enclosing module whose source reads `layer`'s `layer_attrs` by its path (`s.fc.weight`, `self.body[0].bias`,
-    `getattr(self, 'fc').weight`), or None"""
-    attrs,parts = '|'.join(map(re.escape, layer_attrs(layer))),name.split('.')
+def layer_paths(name:str, layer:nn.Module, mods:dict)->list[str]:
+    "Every name of `layer` (called `name` in a model whose `named_modules()` are `mods`): `name`, then each other place a module holds it"
+    at = lambda k,c: f"{k}.{c}" if k else c
+    return [name] + [at(k, c) for k,m in mods.items() for c,l in m._modules.items() if l is layer and at(k, c)!=name]
+
+def adapted(path:str, mods:dict)->bool:
+    "The module holding the layer at `path` is in `ADAPTERS` for it: it is rebuilt around the layer's block (not the model itself)"
+    up,_,attr = path.rpartition('.')
+    return bool(up) and up in mods and adapter(mods[up], attr) is not None
+
+def _reader(path:str, layer:nn.Module, mods:dict, only_forward:bool)->str|None:
+    "`source_reader` for the layer at `path`"
+    attrs,parts = '|'.join(map(re.escape, layer_attrs(layer))),path.split('.')
     by_name = rf"getattr\([^()]*['\"]{re.escape(parts[-1])}['\"]\s*\)\s*\.\s*({attrs})\b"
     for i in range(len(parts)-1, -1, -1):
         up = '.'.join(parts[:i])
         pat = re.compile(rf"(?<![\w.\]])\w+\s*{_path_pattern('.'.join(parts[i:]))}\s*\.\s*({attrs})\b|" + by_name)
-        if (m := mods.get(up)) is None: continue
+        if (m := mods.get(up)) is None or i==len(parts)-1 and adapted(path, mods): continue   # (an adapter rebuilds its parent)
         if hit := next((q for q,src in _sources(type(m), only_forward) if pat.search(src)), None): return hit
+
+def source_reader(name:str, layer:nn.Module, mods:dict, only_forward:bool=True)->str|None:
+    """The method of an enclosing module whose source reads `layer`'s `layer_attrs` by its path (`s.fc.weight`, `self.body[0].bias`,
+    `getattr(self, 'fc').weight`), at any place the layer is held, or None; a parent in `ADAPTERS` reads it as its adapter expects"""
+    return next((hit for p in layer_paths(name, layer, mods) if (hit := _reader(p, layer, mods, only_forward))), None)
+
+def _rnn_reason(name:str, rnn:nn.Module, parents:dict)->str|None:
+    "Why an RNN must stay: several layers, or a weight that is no parameter of it (set at each forward) and no adapter for its parent"
+    try: check_rnn(rnn)
+    except ValueError as e: return str(e).replace(f"{type(rnn).__name__} has", "it has", 1)
+    outside = [k for k in rnn._flat_weights_names if k not in rnn._parameters]
+    if outside and not any(adapted(p, parents) for p in layer_paths(name, rnn, parents)):
+        return f"its {outside[0]} is no parameter of it: something sets it at each forward (a weight-dropout wrapper?), which would not reach a block"
 
 def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     "Why `layer` (called `name` in a model whose `named_modules()` are `parents`) must stay as it is, or None"
@@ -174,6 +217,10 @@ def skip_reason(name:str, layer:nn.Module, parents:dict)->str|None:
     if isinstance(layer, EMBEDDING_KINDS):
         try: check_embedding(layer)
         except ValueError as e: return str(e).replace(f"{type(layer).__name__} has", "it has", 1)
+    if isinstance(layer, RNN_KINDS) and (why := _rnn_reason(name, layer, parents)): return why
+    for p in layer_paths(name, layer, parents):   # a parent that an adapter rebuilds, unless a setting of it forbids that
+        up,_,attr = p.rpartition('.')
+        if adapted(p, parents) and (why := adapter(parents[up], attr).refuse(parents[up])): return why
     if isinstance(like, CONV_KINDS) and like.in_channels//like.groups == 1:
         if like.groups > 1: return "depthwise: one input channel per group, nothing to factorize"
         return "one input channel: a few filters, too small to factorize"
@@ -215,11 +262,11 @@ def tied_block(blk:Factorized, layer:nn.Module, leader:nn.Module)->Factorized:
     return new
 
 # %% ../nbs/03_decompose.ipynb #8e41b7f3
-SAME_CALL = (nn.MultiheadAttention, nn.EmbeddingBag)   # layers whose blocks take all they take (query, key, value, masks; offsets)
+SAME_CALL = (nn.MultiheadAttention, nn.EmbeddingBag, *RNN_KINDS)   # layers whose blocks take all they take (masks; offsets; hx)
 
-def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
-    """`cls`, noting in `seen` the first of its `attrs` read outside its own forward, and by what code; or (None, what) a call that passes
-    more than the input (a transposed conv's `output_size`)"""
+def _watched(name:str, cls:type, attrs:set, seen:dict, allowed:set=frozenset())->type:
+    """`cls`, noting in `seen` the first of its `attrs` read outside its own forward (but by a module whose id is in `allowed`), and by
+    what code; or (None, what) a call that passes more than the input (a transposed conv's `output_size`)"""
     class Watched(cls):
         def forward(self, *args, **kw):
             if (len(args) > 1 or kw) and not issubclass(cls, SAME_CALL):
@@ -229,7 +276,8 @@ def _watched(name:str, cls:type, attrs:set, seen:dict)->type:
             finally: self.__dict__['_own'] = False
         def __getattribute__(self, k):
             if k in attrs and name not in seen and not object.__getattribute__(self, '__dict__').get('_own'):
-                seen[name] = (k, sys._getframe(1).f_code.co_qualname)
+                f = sys._getframe(1)
+                if id(f.f_locals.get('self')) not in allowed: seen[name] = (k, f.f_code.co_qualname)   # (an adapted parent: as expected)
             return super().__getattribute__(k)
     Watched.__name__ = Watched.__qualname__ = cls.__name__
     return Watched
@@ -239,8 +287,9 @@ def watching_reads(model:nn.Module, names:list):
     """Inside, the layers `names` of `model` note any read of their `layer_attrs` from outside their own forward: yields {name: (attribute,
     reader)}"""
     mods,seen,classes = dict(model.named_modules()),{},{}
+    ok = lambda n: {id(mods[p.rpartition('.')[0]]) for p in layer_paths(n, mods[n], mods) if adapted(p, mods)}   # parents in `ADAPTERS`
     try:
-        for n in names: classes[n] = type(mods[n]); mods[n].__class__ = _watched(n, classes[n], set(layer_attrs(mods[n])), seen)
+        for n in names: classes[n] = type(mods[n]); mods[n].__class__ = _watched(n, classes[n], set(layer_attrs(mods[n])), seen, ok(n))
         yield seen
     finally:
         for n,c in classes.items(): mods[n].__class__ = c; mods[n].__dict__.pop('_own', None)
@@ -448,7 +497,7 @@ def selected(model:nn.Module, w:SimpleNamespace, head:bool=False)->tuple[nn.Modu
     sel,out = select_layers(model, w.kinds, w.layers, w.exclude),keeps_head(model, head, w.layers)
     if isinstance(w.rank, dict) and out in w.rank: out = None          # a rank dict that names the output layer asks for it
     # the copy shares the weights to factorize with `model` (they are read, then replaced); `_unshared` copies what is left
-    new = copy.deepcopy(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})
+    new = copy_model(model, {id(p): p for n,l in sel if n!=out for p in l.parameters(recurse=False)})   # (non-leaf tensors: detached)
     todo = [(n, new.get_submodule(n)) for n,_ in sel]
     if _all_done(new, todo, out, w): return new, None, out
     for n,m in todo:   # (settings a block cannot keep, and attention: `skip_reason`)
@@ -518,7 +567,11 @@ def _attention_choice(n, m, plan, opt, v):
     return 'svd', attention_ranks(m, **{opt: v}, name=n)
 
 def _svd_note(layer, meth:str, method:str)->str:
-    "The report's note where a conv gets SVD rather than the walk's `method`: a 1×1 one, or a 1-D one asked for its spatial split"
+    """The report's note where a conv gets SVD rather than the walk's `method` (a 1×1 one, or a 1-D one asked for its spatial split), and
+    what an RNN's row counts"""
+    if isinstance(layer, RNN_KINDS):
+        rest = sum(getattr(layer, k).numel() for k in layer._flat_weights_names if not k.startswith('weight_ih'))
+        return f"weight_ih only: weight_hh and the biases ({rest:,} parameters) stay as they are"
     if not isinstance(layer, CONV_KINDS) or meth==method or method=='auto': return ''
     return '1×1: SVD' if all(k==1 for k in layer.kernel_size) else '1-D: SVD (its spatial split)'
 
@@ -558,7 +611,7 @@ def swap(new:nn.Module, items:list, built:dict, follow:dict, rows:dict, shapes:d
         blocks[n] = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)),m
     for f,l in follow.items(): _tie(new, f, l, blocks, rows, shapes)
     for n,(blk,m) in blocks.items():
-        for a in paths.get(n, [n]): new.set_submodule(a, blk)
+        for a in paths.get(n, [n]): place_block(new, a, blk)   # (a parent in `ADAPTERS`: rebuilt around the block)
         rows[n]['rank'] = blk.rank
         _note(rows[n], move_hooks(m, blk), f"used at {', '.join(paths[n])}: one block at each" if n in paths else '')
     for e in new.modules():   # its nested-tensor fast path reads the packed weights a factorized attention no longer has

@@ -84,13 +84,13 @@ def apply_plan(model:nn.Module, plan:dict)->nn.Module:
     next"""
     if not isinstance(model, nn.Module): raise TypeError(f"apply_plan takes an nn.Module, got {type(model).__name__}")
     layers,paths = check_plan(plan),module_paths(model)
-    new,made = copy.deepcopy(model),{}
+    new,made = copy_model(model),{}   # (non-leaf tensors, which deepcopy refuses: detached)
     for n,(m,r) in layers.items():  # in the plan's order: a block decomposed twice comes after the block holding it
         layer,leader = _planned_layer(new, n, plan['layers'][n], m, r),plan['layers'][n].get('tied')
         if leader is not None and leader not in made: raise ValueError(f"plan entry {n!r} is tied to {leader!r}, which the plan does not decompose before it")
         blk = attention_svd(layer, r) if isinstance(layer, nn.MultiheadAttention) else shell(layer, m, r) if leader is None else tied_block(made[leader][0], layer, made[leader][1])   # (the leader's block and layer)
         made[n] = blk,layer
-        for a in paths.get(n, [n]): new.set_submodule(a, blk)   # a module used at several places: the one block at each
+        for a in paths.get(n, [n]): place_block(new, a, blk)   # a module used at several places: the one block at each
     return new
 
 # %% ../nbs/09_export.ipynb #ac43c0b8

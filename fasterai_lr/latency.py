@@ -44,6 +44,9 @@ def _geom(v): return tuple(v) if isinstance(v, (tuple, list)) else v
 
 def layer_key(layer:nn.Module)->tuple:
     "What a layer's latency depends on besides its input: type, geometry and dtype"
+    if isinstance(layer, RNN_KINDS):
+        return (type(layer).__name__, layer.input_size, layer.hidden_size, layer.bias, layer.batch_first, layer.bidirectional,
+                layer.proj_size, str(layer.weight_ih_l0.dtype))
     dt = str(layer.weight.dtype)
     if isinstance(layer, nn.Linear): return ('Linear', layer.in_features, layer.out_features, layer.bias is not None, dt)
     if isinstance(layer, EMBEDDING_KINDS):
@@ -51,6 +54,11 @@ def layer_key(layer:nn.Module)->tuple:
     geom = [_geom(getattr(layer, a)) for a in ('kernel_size','stride','padding','dilation') + ('output_padding',)*layer.transposed]
     return (layer_kind(layer).__name__, layer.in_channels, layer.out_channels, *geom, layer.groups, layer.bias is not None,
             layer.padding_mode, dt)
+
+def _at_batch(layer:nn.Module, in_shape, batch:int)->tuple:
+    "`in_shape` with its batch size set to `batch`: in dim 0, or 1 for an RNN that is not batch_first (time steps first)"
+    d = 1 if isinstance(layer, RNN_KINDS) and not layer.batch_first and len(in_shape)==3 else 0
+    return (*in_shape[:d], batch, *in_shape[d+1:])
 
 def in_format(m:nn.Module, memory_format)->nn.Module:
     "`m` with its 4-d parameters and buffers in `memory_format`, the others as they are (channels_last is for 4-d tensors: not a Conv3d's)"
@@ -78,11 +86,11 @@ class LayerTimer:
         self.measured = 0   # measurements run (cache misses)
     def key(self, layer:nn.Module, option, in_shape)->tuple:
         where = (str(self.device), torch.get_num_threads(), str(self.memory_format))
-        return (layer_key(layer), *(option or (None, None)), (self.batch, *in_shape[1:]), *where)
+        return (layer_key(layer), *(option or (None, None)), _at_batch(layer, in_shape, self.batch), *where)
     def module(self, layer:nn.Module, option=None)->nn.Module:
         "`layer` (option None) or its factorized block for `option` = (method, rank), random weights, on the device"
         if option is None:   # the layer itself: a copy unless it runs as it is (the caller's layer keeps its device, format and mode)
-            w = layer.weight
+            w = layer.weight_ih_l0 if isinstance(layer, RNN_KINDS) else layer.weight
             as_is = w.device==self.device and (w.ndim!=4 or w.is_contiguous(memory_format=self.memory_format))
             return layer if as_is else in_format(copy.deepcopy(layer).to(self.device), self.memory_format).eval()
         return in_format(shell(layer, *option).to(self.device), self.memory_format).eval()
@@ -90,6 +98,7 @@ class LayerTimer:
         "A random input of `in_shape` with `batch` samples: indices for an embedding"
         if isinstance(layer, EMBEDDING_KINDS):
             return torch.randint(0, layer.num_embeddings, (self.batch, *in_shape[1:]), device=self.device)
+        if isinstance(layer, RNN_KINDS): return torch.randn(_at_batch(layer, in_shape, self.batch), device=self.device)
         return random_batch(in_shape[1:], self.batch, self.device, self.memory_format)
     def __call__(self, layer:nn.Module, options:list, in_shape)->list[float]:
         "Seconds per call of `layer` and of each of `options` [(method, rank)], on an input of `in_shape` with its batch set to `batch`"

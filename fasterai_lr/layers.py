@@ -1,4 +1,4 @@
-"""Layer surgery: a Linear, convolution, embedding or attention and a rank in, a block of standard layers that computes the same out.
+"""Layer surgery: a Linear, convolution, embedding, attention or RNN and a rank in, a block of standard layers that computes the same out.
 
 Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/layers.html.md"""
 
 # %% ../nbs/02_layers.ipynb #e1269104
 from __future__ import annotations
-import math, torch
+import math, warnings, torch
 from torch import nn, Tensor
 from .factorize import *
 from .core import *
@@ -17,7 +17,8 @@ __all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_
            'layer_full_ranks', 'layer_rank', 'checked_rank', 'factor_conv', 'shell', 'as_weight', 'fill', 'linear_svd',
            'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder', 'same_padding', 'pad_same', 'SameConv2d',
            'check_embedding', 'embedding_shell', 'embedding_svd', 'component_norms', 'projections', 'check_attention',
-           'attention_ranks', 'attention_costs', 'FactorizedMHA', 'attention_svd']
+           'attention_ranks', 'attention_costs', 'FactorizedMHA', 'attention_svd', 'rnn_weight_ih', 'check_rnn',
+           'rnn_shell', 'rnn_svd', 'FactorizedEmbeddingDropout', 'FactorizedWeightDropout', 'place_block']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -53,19 +54,25 @@ def check_layer(layer:nn.Module, kind:type|tuple, name:str='', call:str='', sett
         alt = "Conv_Decomposer()'s methods" if isinstance(like, CONV_KINDS) else alt
         alt = "Embedding_Decomposer().SVD" if isinstance(like, EMBEDDING_KINDS) else alt
         alt = "Attention_Decomposer().SVD" if isinstance(like, nn.MultiheadAttention) else alt
+        alt = "RNN_Decomposer().SVD" if isinstance(like, RNN_KINDS) else alt
         what = ' or '.join(f'nn.{k.__name__}' for k in kinds)
         raise TypeError(f"{call or 'this method'} takes an {what}, but {at} is a {type(layer).__name__}" + (f"; use {alt} for it" if alt else ''))
-    w = layer.weight
+    rnn = isinstance(layer, RNN_KINDS)
+    w = layer.weight_ih_l0 if rnn else layer.weight
     if not w.is_floating_point(): raise TypeError(f"{at} has {w.dtype} weights; decompose the float model (before quantization)")
     if w.is_meta: raise ValueError(f"{at} is on the meta device and has no weights to factorize; materialize it (e.g. load its state_dict) first")
-    if not all_finite(kernel(layer)): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
+    ws = [getattr(layer, k).detach() for k in layer._flat_weights_names] if rnn else [kernel(layer)]   # (an RNN: all its weights)
+    if not all(map(all_finite, ws)): raise ValueError(f"{at} has NaN or Inf weights; fix or retrain the layer before decomposing it")
     if settings and isinstance(layer, EMBEDDING_KINDS): check_embedding(layer, at)   # settings a factorization cannot keep
+    if settings and rnn: check_rnn(layer, at)
 
 # %% ../nbs/02_layers.ipynb #8b96ad98
 def kernel(layer:nn.Module)->Tensor:
     """The weights of `layer` as per-group kernels G×O×I×k… (a Linear is one 1×1 group; a transposed conv's weight, in-channels first, too;
-    an embedding's V×d weight is the d×V Linear of a one-hot index; a layer in `EQUIVALENTS`: its effective kernel)"""
+    an embedding's V×d weight is the d×V Linear of a one-hot index; a one-layer RNN's is its input weights W_ih, both directions
+    stacked; a layer in `EQUIVALENTS`: its effective kernel)"""
     layer = _plain(layer)
+    if isinstance(layer, RNN_KINDS): return rnn_weight_ih(layer)[None,:,:,None,None]
     w = layer.weight.detach()
     if isinstance(layer, nn.Linear): return w[None,:,:,None,None]
     if isinstance(layer, EMBEDDING_KINDS): return w.T[None,:,:,None,None]
@@ -140,6 +147,10 @@ def _src(layer):
     if isinstance(layer, nn.MultiheadAttention):
         kv = f", kdim={layer.kdim}, vdim={layer.vdim}" if (layer.kdim, layer.vdim)!=(layer.embed_dim,)*2 else ''
         return f"MultiheadAttention({layer.embed_dim}, {layer.num_heads}{kv})"
+    if isinstance(layer, RNN_KINDS):
+        opts = dict(num_layers=layer.num_layers, bidirectional=layer.bidirectional, proj_size=layer.proj_size)
+        extra = ''.join(f', {k}={v}' for k,v in opts.items() if v not in (1, 0))   # (what differs from a default)
+        return f"{type(layer).__name__}({layer.input_size}, {layer.hidden_size}{extra})"
     return f"{type(layer).__name__}({', '.join(map(str, [*layer.weight.shape]))})"
 def _bias(layer): return None if layer.bias is None else layer.bias.detach()
 
@@ -149,6 +160,7 @@ def shell(layer:nn.Module, method:str, rank, init:bool=True)->Factorized:
     if isinstance(layer, EMBEDDING_KINDS): return embedding_shell(layer, method, rank, init)
     if isinstance(layer, nn.MultiheadAttention):   # rank: {projection: rank}, those left out whole
         return FactorizedMHA(layer, {p: shell(l, 'svd', rank[p], init) if p in rank else l for p,l in projections(layer).items()})
+    if isinstance(layer, RNN_KINDS): return rnn_shell(layer, method, rank, init)
     src,layer = _src(layer),_plain(layer)   # a layer in `EQUIVALENTS`: the block of the plain layer it computes
     b = layer.bias is not None
     if isinstance(layer, nn.Linear):
@@ -212,9 +224,10 @@ BUILDERS = dict(svd=conv_svd, spatial=conv_spatial, tucker=conv_tucker, cp=conv_
 
 
 def builder(layer:nn.Module, method:str):
-    "The function that factorizes `layer` by `method` (`linear_svd` for a Linear and GPT-2's Conv1D, `embedding_svd`, `attention_svd`)"
+    "The function that factorizes `layer` by `method`: `linear_svd` for a Linear and GPT-2's Conv1D, `embedding_svd`, `attention_svd`, ..."
     if isinstance(layer, EMBEDDING_KINDS): return embedding_svd if method=='svd' else _embedding_method(layer, method)
     if isinstance(layer, nn.MultiheadAttention): return attention_svd   # its rank: {projection: rank}
+    if isinstance(layer, RNN_KINDS): return rnn_svd if method=='svd' else _rnn_method(layer, method)
     return linear_svd if isinstance(_plain(layer), nn.Linear) else BUILDERS[method]
 
 # %% ../nbs/02_layers.ipynb #a3c51e07
@@ -456,3 +469,103 @@ class FactorizedMHA(FactorizedModule):
 def attention_svd(mha:nn.MultiheadAttention, ranks:dict)->FactorizedMHA:
     "`mha` as a `FactorizedMHA`: each projection in `ranks` ({'q','k','v','out': rank}) two Linears of its truncated SVD, the others whole"
     return FactorizedMHA(mha, {p: linear_svd(l, ranks[p]) if p in ranks else l for p,l in projections(mha).items()})
+
+# %% ../nbs/02_layers.ipynb #b4e61a2d
+def _directions(rnn:nn.Module)->list[str]: return ['', '_reverse'][:1+rnn.bidirectional]   # the suffixes of its weights' names
+
+def rnn_weight_ih(rnn:nn.Module)->Tensor:
+    "The input weights of a one-layer RNN: W_ih (gates·hidden × input), both directions' stacked (forward first) when it is bidirectional"
+    return torch.cat([getattr(rnn, f'weight_ih_l0{d}').detach() for d in _directions(rnn)])
+
+def check_rnn(rnn:nn.Module, name:str='')->None:
+    "Raise a clear error for an RNN a factorization cannot take: more than one layer (the inner layers' inputs are inside the fused kernel)"
+    at = name or type(rnn).__name__
+    if rnn.num_layers!=1:
+        raise ValueError(f"{at} has num_layers={rnn.num_layers}: only the first layer's input can pass through a Linear outside the fused kernel, the other layers' are inside it; "
+                         "build it as one-layer RNNs in sequence (as fastai's AWD_LSTM does) to decompose each, or leave it as it is")
+
+def _rnn_method(rnn:nn.Module, method:str):
+    raise ValueError(f"an {type(rnn).__name__} is factorized by SVD only, not {method!r}; pass method='svd' (RNN_Decomposer().SVD)")
+
+def rnn_shell(rnn:nn.Module, method:str, rank:int, init:bool=True)->FactorizedRNN:
+    """`shell` of a one-layer RNN: Linear(input_size, rank, bias=False) → the RNN of `rank` inputs with `rnn`'s hidden size, bias,
+    batch_first, bidirectional (an LSTM's proj_size, an RNN's nonlinearity)"""
+    if method!='svd': _rnn_method(rnn, method)
+    check_rnn(rnn)
+    w = rnn.weight_ih_l0
+    opts = dict(bias=rnn.bias, batch_first=rnn.batch_first, bidirectional=rnn.bidirectional, dtype=w.dtype,
+                **({'proj_size': rnn.proj_size} if rnn.proj_size else {}),
+                **({'nonlinearity': rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}))
+    # (an RNN takes no skip_init: made on the meta device, then given memory)
+    fs = [nn.utils.skip_init(nn.Linear, rnn.input_size, rank, bias=False, device=w.device, dtype=w.dtype),
+          layer_kind(rnn)(rank, rnn.hidden_size, device='meta', **opts).to_empty(device=w.device)]
+    for l in fs:
+        if init: l.reset_parameters()
+        l.requires_grad_(w.requires_grad)
+    return FactorizedRNN(*fs, method='svd', rank=rank, source=_src(rnn))
+
+def rnn_svd(rnn:nn.Module, rank:int)->FactorizedRNN:
+    """Linear(in, rank, bias=False) (B) → the RNN with input weights A, from the truncated SVD W_ih ≈ A·B of its input weights (both
+    directions stacked: one B for both); weight_hh, the biases (an LSTM's weight_hr) as they were"""
+    A,B = balance(*svd_factors(kernel(rnn)[0,:,:,0,0], rank))
+    blk,dirs = rnn_shell(rnn, 'svd', rank, init=False),_directions(rnn)
+    with torch.no_grad():
+        blk[0].weight.copy_(B)
+        for d,a in zip(dirs, A.chunk(len(dirs))): getattr(blk[1], f'weight_ih_l0{d}').copy_(a)
+        for k in blk[1]._flat_weights_names:
+            if not k.startswith('weight_ih'): getattr(blk[1], k).copy_(getattr(rnn, k))
+    return blk
+
+# %% ../nbs/02_layers.ipynb #c7d2e5f8
+class FactorizedEmbeddingDropout(nn.Module):
+    """fastai's `EmbeddingDropout` over a `Factorized` embedding `emb` (Embedding(V, r) → Linear(r, d)): in training whole rows of the
+    factor embedding are dropped (and the rest scaled by 1/(1-p)), then the Linear; a dropped row of A is a dropped row of W = A·B"""
+    def __init__(self, emb:Factorized, embed_p:float): super().__init__(); self.emb,self.embed_p = emb,embed_p
+    def forward(self, words:Tensor, scale=None)->Tensor:
+        E,p = self.emb[0],self.embed_p
+        w = E.weight
+        if self.training and p != 0: w = w * w.new_empty(w.size(0), 1).bernoulli_(1-p).div_(1-p)   # fastai's dropout_mask, one per row
+        if scale: w = w * scale
+        pad = -1 if E.padding_idx is None else E.padding_idx   # (as fastai passes it)
+        return self.emb[1](nn.functional.embedding(words, w, pad, E.max_norm, E.norm_type, E.scale_grad_by_freq, E.sparse))
+
+class FactorizedWeightDropout(nn.Module):
+    """fastai's `WeightDropout` around a `FactorizedRNN` block `module`: it holds the raw weights that `wd` held (`weight_hh_l0_raw`, ...)
+    and sets them, dropped out in training, on the block's RNN at each forward, as fastai's sets them on its RNN"""
+    def __init__(self, wd:nn.Module, module:FactorizedRNN):
+        super().__init__()
+        self.module,self.weight_p,self.layer_names,rnn = module,wd.weight_p,list(wd.layer_names),module[1]
+        for k in self.layer_names:
+            self.register_parameter(f'{k}_raw', getattr(wd, f'{k}_raw'))   # the same Parameter: it trains on
+            delattr(rnn, k)                                                # the block's own copy: set from the raw one at each forward
+            setattr(rnn, k, getattr(self, f'{k}_raw').clone())
+        rnn.flatten_parameters = self._do_nothing
+    def _setweights(self):
+        for k in self.layer_names:
+            raw = getattr(self, f'{k}_raw')
+            setattr(self.module[1], k, nn.functional.dropout(raw, p=self.weight_p) if self.training else raw.clone())
+    def forward(self, *args):
+        self._setweights()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', category=UserWarning)   # (the weights are not flattened, as in fastai's)
+            return self.module(*args)
+    def reset(self):
+        for k in self.layer_names: setattr(self.module[1], k, getattr(self, f'{k}_raw').clone())
+    def _do_nothing(self): pass
+
+def _drops_ih(wd:nn.Module)->str|None:
+    "Why fastai's `WeightDropout` `wd` cannot hold a factorized RNN: it drops out input weights, which the factorization splits in two"
+    if ih := [k for k in wd.layer_names if k.startswith('weight_ih')]:
+        return f"its WeightDropout drops out {ih[0]}, which a factorization splits in two factors; leave it as it is, or drop out weight_hh only"
+
+ADAPTERS.update({
+    ('fastai', 'EmbeddingDropout'): Adapter('emb', lambda p,blk: FactorizedEmbeddingDropout(blk, p.embed_p), lambda p: None),
+    ('fastai', 'WeightDropout'): Adapter('module', lambda p,blk: FactorizedWeightDropout(p, blk), _drops_ih)})
+
+def place_block(model:nn.Module, path:str, blk:nn.Module)->None:
+    "Put `blk` at `path` of `model`; where the parent is in `ADAPTERS` (its forward reads the layer itself), the parent rebuilt around it"
+    up,_,attr = path.rpartition('.')
+    parent = model.get_submodule(up)
+    if not up or (a := adapter(parent, attr)) is None: return model.set_submodule(path, blk)   # (the model itself: not rebuilt)
+    new = a.build(parent, blk).train(parent.training)
+    for p in module_paths(model).get(up, [up]): model.set_submodule(p, new)

@@ -92,7 +92,13 @@ def test_text_classifier_learner(tmp_path):
     df = docstrings()
     dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_pct=0.2, seed=0, bs=16, seq_len=32)
     learn = text_classifier_learner(dls, AWD_LSTM, pretrained=False, drop_mult=0.5)
+    p0 = n_params(learn.model)
     check(learn, tmp_path, lr=1e-2)
+    from fasterai_lr.layers import FactorizedEmbeddingDropout, FactorizedWeightDropout
+    enc = learn.model[0].module
+    assert isinstance(enc.encoder_dp, FactorizedEmbeddingDropout) and enc.encoder_dp.emb is enc.encoder, "the embedding was not decomposed"
+    assert all(isinstance(r, FactorizedWeightDropout) for r in enc.rnns), "the LSTMs were not decomposed"
+    assert n_params(learn.model) < 0.8*p0, (n_params(learn.model), p0)   # (weight_hh, most of the rest, is not factorized)
 
 # ---- time series: a 1-D CNN (as tsai's ResNet or InceptionTime are) on synthetic series
 
