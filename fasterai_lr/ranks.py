@@ -362,7 +362,7 @@ def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[li
     for c in curves:
         if (slow := slow_options(c, speed, shapes[c.name])) is None: out.append(c); unchecked.append(c.name)
         elif (keep := ~slow).sum() > 1: out.append(_subset(c, keep))
-        else: notes[c.name] = f"kept: every factorization cheaper than it is modelled slower ({speed!r}; speed=None allows them)"
+        else: notes[c.name] = "kept: every cheaper factorization is modelled slower (speed=None allows them)"
     return out, notes, unchecked
 
 def _subset(c:Curve, keep:np.ndarray)->Curve:
