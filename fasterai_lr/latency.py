@@ -452,9 +452,10 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     return plan
 
 # %% ../nbs/07_latency.ipynb #3c9d1b70
-def measured_speed(batch:int=1, device='cpu', n:int=1024, nbytes:float=4e6, reps:int=5)->SpeedModel:
+def measured_speed(batch:int=1, device='cpu', n:int=1024, nbytes:float=64e6, reps:int=5)->SpeedModel:
     """A `SpeedModel` with this machine's figures on `device` at the current thread count: the FLOP/s of an n×n matmul, the bytes/s of a
-    copy of `nbytes`, and the seconds of a call that does no work (a 1×1 conv on one value)"""
+    copy of `nbytes` (64 MB: from memory, past the caches; 4 MB: what a cache gives), and the seconds of a call that does no work (a 1×1
+    conv on one value)"""
     dev = torch.device(device)
     a,b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     x = torch.randn(int(nbytes)//4, device=dev); y = torch.empty_like(x)
@@ -486,7 +487,8 @@ def roofline(model:nn.Module, sample, batch:int=1, speed:SpeedModel|None=None, r
         flop,byte = 2*macs*batch, 4*(p + batch*(i+o))
         t, = time_calls([m], xi, reps=reps)
         ideal = float(speed.seconds([(p, macs, i, o)])) - speed.overhead
-        rows.append(dict(layer=n, kind=type(m).__name__, macs=macs*batch, bytes=byte, intensity=flop/byte, roofline_ms=ideal*1e3,
+        ks = '×'.join(map(str, m.kernel_size)) if hasattr(m, 'kernel_size') else '-'
+        rows.append(dict(layer=n, kind=type(m).__name__, kernel=ks, macs=macs*batch, bytes=byte, intensity=flop/byte, roofline_ms=ideal*1e3,
                          ms=t*1e3, gflops=flop/t/1e9, of_roofline=ideal/t,
                          bound='memory' if flop/byte < speed.flops/speed.bandwidth else 'compute'))
     return pd.DataFrame(rows)
