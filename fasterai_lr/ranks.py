@@ -343,7 +343,8 @@ class SpeedModel:
         if t0 is None: return None
         r = tuple(torch.tensor(ranks).T) if method=='tucker' else torch.tensor(ranks)
         return (self.seconds(layer_ops(layer, method, r, shapes)) >= self.seconds(t0)*(1-self.margin)).numpy().reshape(-1)
-    def __repr__(self): return f"SpeedModel(flops={self.flops:.3g}, bandwidth={self.bandwidth:.3g}, overhead={self.overhead:.3g}, batch={self.batch})"
+    def __repr__(self):
+        return f"SpeedModel(flops={self.flops:.3g}, bandwidth={self.bandwidth:.3g}, overhead={self.overhead:.3g}, batch={self.batch})"
 
 def slow_options(c:Curve, speed:SpeedModel, shapes)->np.ndarray|None:
     "Which options of curve `c` `speed` finds slower than the layer (never the last: the layer itself); None where it cannot tell"
@@ -497,7 +498,8 @@ def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd
     for c,j in zip(curves, pick):
         o,macs = _option(c, j),(lambda i: None if c.macs is None else c.macs[i])
         note = '' if o is not None else 'kept: cheaper to lose error elsewhere'
-        if o is not None and self.slowed and _slow_pick(c, j, self.speed, candidates): note = 'modelled slower than the layer: taken to meet the budget'
+        if o is not None and self.slowed and _slow_pick(c, j, self.speed, candidates):
+            note = 'modelled slower than the layer: taken to meet the budget'
         rows[c.name].update(method=o[0] if o else c.method, rank=o[1] if o else None, params=c.params[-1], params_after=c.params[j],
                             macs=macs(-1), macs_after=macs(j), error=math.sqrt(c.err[j]),
                             weight=float(np.broadcast_to(c.weight, c.err.shape)[j]), note=note)
