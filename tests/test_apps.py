@@ -37,6 +37,17 @@ def check(learn, tmp_path, keep=0.5, start=1, epochs=2, lr=1e-3, **cb):
     round_trip(learn, tmp_path, xb)
     return learn
 
+# ---- vision: a classifier (fastai's vision_learner: a ResNet-18 body and fastai's head)
+
+def test_vision_learner(tmp_path):
+    from fastai.vision.all import vision_learner, resnet18
+    set_seed(0)
+    x = torch.rand(24, 3, 32, 32); y = (x[:, 0].mean((1, 2)) > x[:, 1].mean((1, 2))).long()   # which channel is brighter
+    items = list(zip(x, y))
+    dls = DataLoaders.from_dsets(TfmdLists(items[:16], None), TfmdLists(items[16:], None), bs=8, device='cpu', num_workers=0)
+    learn = vision_learner(dls, resnet18, pretrained=False, n_out=2, normalize=False, loss_func=nn.functional.cross_entropy)
+    check(learn, tmp_path, method='tucker')
+
 # ---- vision: a U-Net (fastai's DynamicUnet over a ResNet-18)
 
 def test_unet_learner(tmp_path):
