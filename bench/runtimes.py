@@ -7,6 +7,9 @@ decomposition's own. Variants, per model and batch:
     keep=0.5  decompose_model(model, 'tucker', keep=0.5) (Linear by SVD), then `optimize` (folded, adjacent linear layers merged)
     latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
               eager PyTorch, with the least error; then `optimize`
+    aware-ort, latency-ort: LatencyAware(keep=0.5) / LatencyBudget(keep=0.5) timed in onnxruntime (`runtime_timer`): each layer's
+              method and rank chosen by the time it takes there
+    params=0.5  Budget(params=0.5) with its speed guard (the default)
     params=p, macs=p (digits only, --budgets): Budget(params=p) / Budget(macs=p), whose speed guard (on by default) leaves a layer
               whose factorization is modelled slower than it; 'p no guard' with speed=None
 Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
@@ -21,7 +24,7 @@ Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,
                               [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--freezing] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
-import argparse, copy, gc, os, subprocess, sys, tempfile, time, traceback, warnings, torch
+import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
 from pathlib import Path
 from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,23 +32,9 @@ from speed import build
 from budgets import digits_data, digits_cnn, train
 from fasterai_lr.decompose import decompose_model
 from fasterai_lr.ranks import Budget, model_macs, n_params
-from fasterai_lr.latency import LatencyBudget, fold_bn, optimize, fastest_format, in_format, time_calls
+from fasterai_lr.latency import LatencyAware, LatencyBudget, fold_bn, optimize, fastest_format, in_format, in_runtime, runtime_timer, time_calls
 
 RUNTIMES = ['eager', 'compile', 'ort']
-
-class Ort:
-    "An onnxruntime session of `model` (TorchScript export, batch dimension free) called like the model"
-    def __init__(self, model, x, threads):
-        import onnxruntime as ort
-        self.path = Path(tempfile.mkdtemp())/'m.onnx'
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            torch.onnx.export(model.eval(), (x[:1].contiguous(),), str(self.path), dynamo=False, input_names=['x'], output_names=['y'],
-                              dynamic_axes={'x': {0: 'b'}, 'y': {0: 'b'}})
-        o = ort.SessionOptions(); o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
-        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.s = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
-    def __call__(self, x): return self.s.run(None, {'x': x.contiguous().numpy()})[0]
 
 def digits_model():
     torch.manual_seed(0)
@@ -70,6 +59,14 @@ def variants(name, model, sample, batch, a)->dict:
         m, note = dec(rank=lb)
         return m, f"{note}; planned at {lb.achieved:.2f} of the folded dense latency"
     if 'latency' in a.variants: add('latency', latency)
+    def ort_rule(kind):
+        t = runtime_timer('onnxruntime', a.threads, reps=3)
+        rule = LatencyAware(keep=0.5, batch=batch, timer=t) if kind=='aware' else LatencyBudget(keep=0.5, batch=batch, baseline='as_run', timer=t)
+        m, note = dec(rank=rule)
+        return m, note + ('' if kind=='aware' else f"; planned at {rule.achieved:.2f} of the folded dense latency in onnxruntime")
+    for kind in ('aware', 'latency'):
+        if f'{kind}-ort' in a.variants: add(f'{kind}-ort', lambda kind=kind: ort_rule(kind))
+    if 'params=0.5' in a.variants and name!='digits': add('params=0.5', lambda: dec(rank=Budget(params=0.5, sample=sample)))
     if name=='digits':
         for p in a.budgets:
             for by in ('params', 'macs'):
@@ -82,15 +79,11 @@ def runners(mods:dict, x, runtime:str, a)->dict:
     if runtime=='eager':
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
         return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, fmt
-    if runtime=='ort': return {v: Ort(m, x, a.threads) for v,m in mods.items()}, None
+    if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, None
     import torch._inductor.config as ic
     ic.freezing = a.freezing
     out = {}
-    for v,m in mods.items():
-        torch._dynamo.reset()
-        c = torch.compile(copy.deepcopy(m))
-        with torch.inference_mode(): c(x)    # compiles for this shape
-        out[v] = c
+    for v,m in mods.items(): torch._dynamo.reset(); out[v] = in_runtime(copy.deepcopy(m), x, 'compile')
     return out, None
 
 def rows_for(name, batch, a, say)->list:
@@ -148,7 +141,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--models', default='resnet18,resnet50,mobilenet_v2,vgg16_bn,digits')
     p.add_argument('--batches', default='1,64'); p.add_argument('--runtimes', default=','.join(RUNTIMES))
-    p.add_argument('--variants', default='keep=0.5,latency'); p.add_argument('--budgets', default='0.26,0.5')
+    p.add_argument('--variants', default='keep=0.5,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--size', type=int, default=224); p.add_argument('--freezing', action='store_true')
     p.add_argument('--out', default='bench/out/runtimes.txt')

@@ -21,9 +21,9 @@ from .decompose import *
 from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan, _prepare
 
 # %% auto #0
-__all__ = ['LATENCIES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'round_rank', 'keep_options', 'LatencyAware',
-           'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget',
-           'measured_speed', 'roofline', 'plot_roofline']
+__all__ = ['LATENCIES', 'RUNTIMES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner', 'in_runtime',
+           'runtime_timer', 'round_rank', 'keep_options', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear',
+           'fastest_format', 'optimize', 'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -85,7 +85,7 @@ class LayerTimer:
         self.timer = timer or partial(time_calls, reps=reps)
         self.measured = 0   # measurements run (cache misses)
     def key(self, layer:nn.Module, option, in_shape)->tuple:
-        where = (str(self.device), torch.get_num_threads(), str(self.memory_format))
+        where = (str(self.device), torch.get_num_threads(), str(self.memory_format), getattr(self.timer, 'runtime', 'eager'))
         return (layer_key(layer), *(option or (None, None)), _at_batch(layer, in_shape, self.batch), *where)
     def module(self, layer:nn.Module, option=None)->nn.Module:
         "`layer` (option None) or its factorized block for `option` = (method, rank), random weights, on the device"
@@ -111,6 +111,43 @@ class LayerTimer:
             self.cache.update({self.key(layer, o, in_shape): t for o,t in zip(todo, ts)})
             self.measured += 1
         return [self.cache[k] for k in keys]
+
+# %% ../nbs/07_latency.ipynb #6b1e2f4a
+RUNTIMES = ('eager', 'compile', 'onnxruntime')
+
+def _runtime(runtime:str)->str:
+    if runtime not in RUNTIMES: raise ValueError(f"unknown runtime={runtime!r}; pass one of {', '.join(map(repr, RUNTIMES))}")
+    return runtime
+
+class OrtRunner:
+    "`model` exported to ONNX (TorchScript's exporter, the batch dimension free) and run by onnxruntime on the CPU, called like the model"
+    def __init__(self, model:nn.Module, x:Tensor, threads:int|None=None):
+        import onnxruntime as ort, tempfile
+        self.path = Path(tempfile.mkdtemp())/'model.onnx'
+        with evaluating(model), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(model, (x[:1].contiguous(),), str(self.path), dynamo=False, input_names=['x'], output_names=['y'],
+                              dynamic_axes={'x': {0: 'batch'}, 'y': {0: 'batch'}})
+        o = ort.SessionOptions()
+        o.intra_op_num_threads,o.inter_op_num_threads = threads or torch.get_num_threads(), 1
+        self.session = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
+    def __call__(self, x:Tensor): return self.session.run(None, {'x': x.detach().contiguous().cpu().numpy()})[0]
+
+def in_runtime(model:nn.Module, x:Tensor, runtime:str='eager', threads:int|None=None):
+    """`model` as `runtime` runs it, called like the model: itself ('eager'), `torch.compile`d ('compile': compiled here, on `x`'s shape)
+    or an `OrtRunner` ('onnxruntime')"""
+    if _runtime(runtime)=='onnxruntime': return OrtRunner(model, x, threads)
+    if runtime=='eager': return model
+    compiled = torch.compile(model)
+    with torch.inference_mode(): compiled(x)   # (the compile is not timed)
+    return compiled
+
+def runtime_timer(runtime:str='onnxruntime', threads:int|None=None, reps:int=5)->Callable:
+    "A timer for `LayerTimer` (`LatencyAware`, `LatencyBudget`): seconds per call of each module run in `runtime`, side by side"
+    _runtime(runtime)
+    def timer(mods:list, x:Tensor)->list: return time_calls([in_runtime(m, x, runtime, threads) for m in mods], x, reps=reps)
+    timer.runtime = runtime   # part of each measurement's key in the cache
+    return timer
 
 # %% ../nbs/07_latency.ipynb #9afc8478
 def round_rank(r, step:int, full):

@@ -157,3 +157,22 @@ def test_measured_speed_and_roofline():
         assert ((t.intensity < s.flops/s.bandwidth) == (t.bound=='memory')).all()
     ax = plot_roofline({'dense': roofline(net, (1, 8, 8), speed=s, reps=1)}, s)
     assert ax.get_xscale() == 'log' and len(ax.collections) == 1
+
+# ---- timing in a runtime
+
+def test_runtimes():
+    from fasterai_lr.latency import in_runtime, runtime_timer, OrtRunner, LayerTimer, LatencyCache, LatencyAware
+    net, x = digits_like(), torch.randn(3, 1, 8, 8)
+    with torch.no_grad(): want = net(x)
+    got = in_runtime(net, x, 'onnxruntime')(x)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    assert in_runtime(net, x, 'eager') is net
+    with pytest.raises(ValueError, match="unknown runtime='tensorrt'"): in_runtime(net, x, 'tensorrt')
+    with pytest.raises(ValueError, match="unknown runtime"): runtime_timer('tvm')
+    t = runtime_timer('onnxruntime', reps=1)
+    assert t.runtime == 'onnxruntime' and all(s > 0 for s in t([net, net[:3]], x))
+    la = LatencyAware(keep=0.5, timer=t, cache=LatencyCache(), sample=(1, 8, 8))
+    new,rep = decompose_model(net, rank=la, quiet=True)
+    with torch.no_grad(): assert new(x).shape == want.shape
+    keys = {k[-1] for k in la.timer.cache}
+    assert keys == {'onnxruntime'}, keys
