@@ -80,7 +80,7 @@ def equivalent(layer:nn.Module)->nn.Module|None:
 
 def _plain(layer): return layer if (e := equivalent(layer)) is None else e
 
-# the child `attr` a parent reads; build: (parent, block) → the new parent; refuse: parent → why it cannot be rebuilt, or None
+# the child `attr` (or a tuple of them) a parent reads; build: (parent, attr, block) → the new parent; refuse: parent → why it cannot be rebuilt, or None
 Adapter = namedtuple('Adapter', 'attr build refuse')
 ADAPTERS = {}   # (package, class name) of a module whose forward reads its child layer itself: its `Adapter`; filled by layers
 
@@ -88,7 +88,7 @@ def adapter(parent:nn.Module, attr:str)->Adapter|None:
     "The `Adapter` that rebuilds `parent` (its class matched by package and name) around a block in place of its child `attr`, or None"
     cls = type(parent)   # matched by name: fastai.text is not imported
     a = ADAPTERS.get((cls.__module__.partition('.')[0], cls.__name__))
-    return a if a is not None and a.attr==attr else None
+    return a if a is not None and attr in (a.attr if isinstance(a.attr, tuple) else (a.attr,)) else None
 
 def layer_kind(layer:nn.Module)->type|None:
     "The kind of layer (a key of `LAYER_METHODS`) that `layer` is (a layer in `EQUIVALENTS`: its plain layer's), or None"

@@ -614,8 +614,8 @@ def swap(new:nn.Module, items:list, built:dict, follow:dict, rows:dict, shapes:d
         for a in paths.get(n, [n]): place_block(new, a, blk)   # (a parent in `ADAPTERS`: rebuilt around the block)
         rows[n]['rank'] = blk.rank
         _note(rows[n], move_hooks(m, blk), f"used at {', '.join(paths[n])}: one block at each" if n in paths else '')
-    for e in new.modules():   # its nested-tensor fast path reads the packed weights a factorized attention no longer has
-        if isinstance(e, nn.TransformerEncoder) and any(isinstance(a, FactorizedModule) for a in e.modules()): e.use_nested_tensor = False
+    for e in new.modules():   # its nested-tensor fast path reads the packed weights of its first layer's attention and Linears
+        if isinstance(e, nn.TransformerEncoder) and any(isinstance(a, DECOMPOSED) for a in e.modules()): e.use_nested_tensor = False
 
 REPORT = ['layer','source','method','rank','params','params_after','macs','macs_after','note']   # the report's columns
 

@@ -558,14 +558,21 @@ def _drops_ih(wd:nn.Module)->str|None:
     if ih := [k for k in wd.layer_names if k.startswith('weight_ih')]:
         return f"its WeightDropout drops out {ih[0]}, which a factorization splits in two factors; leave it as it is, or drop out weight_hh only"
 
+def _plain_path(p:nn.Module, attr:str, blk:nn.Module)->nn.Module:
+    """`p`, a `TransformerEncoderLayer`, with `blk` at `attr` and its inference fast path off: that path reads the packed weights of the
+    attention and the Linears; it checks `activation_relu_or_gelu` before them, and the plain path calls each layer"""
+    setattr(p, attr, blk); p.activation_relu_or_gelu = False
+    return p
+
 ADAPTERS.update({
-    ('fastai', 'EmbeddingDropout'): Adapter('emb', lambda p,blk: FactorizedEmbeddingDropout(blk, p.embed_p), lambda p: None),
-    ('fastai', 'WeightDropout'): Adapter('module', lambda p,blk: FactorizedWeightDropout(p, blk), _drops_ih)})
+    ('fastai', 'EmbeddingDropout'): Adapter('emb', lambda p,attr,blk: FactorizedEmbeddingDropout(blk, p.embed_p), lambda p: None),
+    ('fastai', 'WeightDropout'): Adapter('module', lambda p,attr,blk: FactorizedWeightDropout(p, blk), _drops_ih),
+    ('torch', 'TransformerEncoderLayer'): Adapter(('self_attn', 'linear1', 'linear2'), _plain_path, lambda p: None)})
 
 def place_block(model:nn.Module, path:str, blk:nn.Module)->None:
     "Put `blk` at `path` of `model`; where the parent is in `ADAPTERS` (its forward reads the layer itself), the parent rebuilt around it"
     up,_,attr = path.rpartition('.')
     parent = model.get_submodule(up)
     if not up or (a := adapter(parent, attr)) is None: return model.set_submodule(path, blk)   # (the model itself: not rebuilt)
-    new = a.build(parent, blk).train(parent.training)
+    new = a.build(parent, attr, blk).train(parent.training)
     for p in module_paths(model).get(up, [up]): model.set_submodule(p, new)

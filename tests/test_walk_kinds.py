@@ -29,11 +29,28 @@ def test_vit_attention_walked(sample, tmp_path):
     torch.testing.assert_close(load_decomposed(vit, tmp_path/'vit.pth').eval()(x), small(x), rtol=0, atol=0)
     assert onnx_error(to_onnx(small, x, tmp_path/'vit.onnx', dynamo=False), small, x) < 1e-4
 
-def test_transformer_encoder_layer_left():
-    "nn.TransformerEncoderLayer's fast path reads its attention's and Linears' weights: they stay, with the reason"
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
-    new,rep = decompose_model(enc, keep=0.5, sample=torch.randn(3, 7, 32), quiet=True)
-    assert rep['method'].isna().all() and rep.note.str.contains('read directly by TransformerEncoderLayer.forward').sum()==5, rep
+@pytest.mark.parametrize('batch_first', [True, False])
+@pytest.mark.parametrize('norm_first', [False, True])
+@pytest.mark.parametrize('only', [None, 'linear1', 'self_attn'])
+def test_transformer_encoder_layer_walked(batch_first, norm_first, only):
+    """nn.TransformerEncoderLayer's inference fast path reads its attention's and Linears' packed weights: the walk turns it off for the
+    layers it rebuilds (`ADAPTERS`), so each of them is decomposed alone or with the others; exact at full rank in eval mode under no_grad
+    (where the fast path ran), with a padding mask, and the nested-tensor path of the encoder off"""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=norm_first), 2,
+                                enable_nested_tensor=not norm_first).eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    mask = torch.zeros(3, 7, dtype=torch.bool); mask[0, 5:] = True
+    layers = None if only is None else [f'layers.{i}.{only}' for i in range(2)]
+    new,rep = decompose_model(enc, rank='full', layers=layers, head=True, quiet=True)
+    assert rep.method.notna().sum() == (6 if only is None else 2) and (rep.note.fillna('')=='').all(), rep
+    with torch.no_grad():
+        for kw in ({}, dict(src_key_padding_mask=mask)):   # (outputs at padded positions are undefined: the fast path gives 0)
+            valid = lambda t: (t if batch_first else t.transpose(0, 1))[~mask if kw else torch.ones_like(mask)]
+            torch.testing.assert_close(valid(new(x, **kw)), valid(enc(x, **kw)), atol=2e-5, rtol=1e-5)
+    small,_ = decompose_model(enc, keep=0.5, head=True, quiet=True)
+    small.train(); small(x).sum().backward()
+    assert all(p.grad is not None for p in small.parameters() if p.requires_grad)
 
 def timm():
     for p in ('/tmp/timm_pkg',):
