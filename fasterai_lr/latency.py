@@ -398,7 +398,7 @@ class LatencyBudget(ModelBudget):
                  baseline:str='given',         # 'given': a fraction of the model as it came; 'as_run': of the dense one, same rewrites
                  fold:bool=True,               # time models with their BatchNorms folded, as `optimize` runs them
                  check:bool=True,              # time the planned model and tighten until it meets the budget
-                 rounds:int=3,                 # at most this many plans, each tighter by what the last one missed
+                 rounds:int=3,                 # at most this many plans timed, each corrected by what the last one missed
                  alloc:str='greedy',           # 'greedy' (least total error) or 'minmax' (least largest error), as in `ranks.allocate`
                  sample=None,                  # a batch (or its shape), when `plan`/`decompose` is not given one
                  timer:Callable|None=None, cache:LatencyCache|None=None, memory_format=torch.channels_last,
@@ -449,18 +449,29 @@ def _baseline(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor)->Simpl
     return SimpleNamespace(as_run=as_run, base=base, T0=T0, T_given=T_given, T_dense=T_dense, s=s, fixed=fixed)
 
 def _allocate(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor, b:SimpleNamespace, limit:float, least:float):
-    "The allocation for `limit` (in the layers' own timings), re-measured and tightened for up to `rounds` rounds when `check`"
+    """The allocation for `limit` (in the layers' own timings); with `check`, each plan is timed for up to `rounds` rounds: a plan that
+    misses tightens the limit by what it missed, one far under the budget (an overshoot) loosens it halfway back; the loosest plan that
+    meets the budget is kept"""
+    met,missed = None,None   # (limit, pick, plan, achieved, estimate) of the loosest plan that met the budget; the tightest limit that missed
     for _ in range(max(1, self.rounds)):
         limit = max(limit, least)
         pick = allocate(curves, limit, 'latency', self.alloc)
         plan = curve_plan(curves, pick, bare=True)
         self.estimate = self.achieved = (b.fixed + b.s*sum(c.latency[j] for c,j in zip(curves, pick)))/b.T0
-        if not self.check: break
+        if not self.check: return pick, plan
         t_base,t_plan = self.timer.timer([b.base, b.as_run(planned(model, plan))], x)
         self.achieved = t_plan/t_base
-        if self.achieved <= self.keep or limit <= least: break
-        limit -= (self.achieved - self.keep)*t_base/b.s        # the layers' share, cut by the measured excess
-    if self.check and self.achieved > self.keep:
+        if self.achieved <= self.keep:
+            if met is None or limit > met[0]: met = (limit, pick, plan, self.achieved, self.estimate)
+            if missed is None or self.achieved >= 0.95*self.keep: break   # close enough, or nothing looser is known to miss
+            limit = (limit + missed)/2
+        else:
+            if limit <= least: break
+            missed = limit if missed is None else min(missed, limit)
+            limit -= (self.achieved - self.keep)*t_base/b.s                 # the layers' share, cut by the measured excess
+            if met is not None: limit = max(limit, (missed + met[0])/2)
+    if met is not None: _,pick,plan,self.achieved,self.estimate = met
+    elif self.check:
         why = "even with every layer at its fastest option" if limit <= least else f"after {self.rounds} rounds (ask for more rounds=)"
         warnings.warn(f"{self!r}: the planned model measured {self.achieved:.0%} of the latency {why}; on a busy machine the timings are noisy")
     return pick, plan
