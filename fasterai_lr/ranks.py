@@ -355,16 +355,17 @@ def slow_options(c:Curve, speed:SpeedModel, shapes)->np.ndarray|None:
         out[js] = s
     return out
 
-def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[list,dict,list]:
-    """`curves` without the options `speed` models slower than their layer; {layer name: note} of the layers left whole for it; the names
-    it could not check (no input size)"""
-    if speed is None: return curves, {}, []
-    shapes,out,notes,unchecked = {n: s for n,_,_,s in split_attention(cands)[0]},[],{},[]   # (an attention: its projections)
+def fast_curves(curves:list[Curve], cands:list, speed:SpeedModel|None)->tuple[list,dict,dict]:
+    """`curves` without the options `speed` models slower than their layer; {layer name: note} of the layers left whole for it; {layer
+    name: its curve's `slow_options`, None where it cannot tell (no input size)}"""
+    if speed is None: return curves, {}, {}
+    shapes = {n: s for n,_,_,s in split_attention(cands)[0]}   # (an attention: its projections)
+    slow,out,notes = {c.name: slow_options(c, speed, shapes[c.name]) for c in curves},[],{}
     for c in curves:
-        if (slow := slow_options(c, speed, shapes[c.name])) is None: out.append(c); unchecked.append(c.name)
-        elif (keep := ~slow).sum() > 1: out.append(_subset(c, keep))
+        if (s := slow[c.name]) is None: out.append(c)
+        elif (~s).sum() > 1: out.append(_subset(c, ~s))
         else: notes[c.name] = "kept: every cheaper factorization is modelled slower (speed=None allows them)"
-    return out, notes, unchecked
+    return out, notes, slow
 
 def _subset(c:Curve, keep:np.ndarray)->Curve:
     new = Curve(c.name, c.layer, c.method, [r for r,k in zip(c.ranks, keep) if k], c.params[keep], None if c.macs is None else c.macs[keep],
@@ -398,11 +399,11 @@ class Budget(ModelBudget):
         if weights is not None:
             if not isinstance(weights, dict): raise TypeError(f"weights={weights!r} is not a dict; pass {{layer or module name: multiplier}}, e.g. weights={{'features.0': 2}}")
             weights = {k: check_number(w, f"weights[{k!r}]", f"a positive multiplier on the errors of the layers in {k!r}, e.g. 2", lo=0, ends='()') for k,w in weights.items()}
-        if isinstance(speed, str) and speed=='model': speed = SpeedModel()
+        if speed=='model': speed = SpeedModel()
         if speed is not None and not isinstance(speed, SpeedModel):
             raise TypeError(f"speed={speed!r}; pass a SpeedModel (e.g. SpeedModel(batch=1), or latency's measured_speed()), 'model' (the default) or None (no check)")
         store_attr('round_to,alloc,calib,sample,weights,res,speed')
-        self.report,self.achieved,self.checked,self.slowed,self.unchecked = None,None,None,False,[]
+        self.report,self.achieved,self.checked,self.slowed,self.unchecked,self._slow = None,None,None,False,[],{}
 
     def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to>1 else '') + ')'
 
@@ -455,7 +456,8 @@ def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tupl
     """(curves, the model's cost, the cost outside them, {layer: note}): without the options `speed` models slower than their layer, unless
     the budget cannot be met then (a warning says so, the report marks them)"""
     every = layer_curves(candidates, self.round_to, self.res, _prepare(calib, model, candidates))
-    fast,slow,self.unchecked = fast_curves(every, candidates, self.speed)
+    fast,slow,self._slow = fast_curves(every, candidates, self.speed)
+    self.unchecked = [n for n,s in self._slow.items() if s is None]
     total,fixed = model_totals(model, candidates, fast, self.by, sample)
     least = (fixed + sum(c.cost(self.by).min() for c in fast))/total
     self.slowed = fast is not every and least > self.keep
@@ -463,10 +465,6 @@ def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tupl
     warnings.warn(f"{self!r} takes factorizations modelled slower than their layers: with only faster ones the model keeps at least {least:.1%} of "
                   f"its {self.by}; the report's note marks them. Pass {self.by}={math.ceil(least*100)/100} or more to keep every layer fast, or speed=None")
     return every, *model_totals(model, candidates, every, self.by, sample), {}
-
-def _slow_pick(c:Curve, j:int, speed, cands:list)->bool:
-    s = slow_options(c, speed, {n: sh for n,_,_,sh in split_attention(cands)[0]}[c.name]) if speed is not None else None
-    return s is not None and bool(s[j])
 
 @patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
@@ -498,7 +496,7 @@ def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd
     for c,j in zip(curves, pick):
         o,macs = _option(c, j),(lambda i: None if c.macs is None else c.macs[i])
         note = '' if o is not None else 'kept: cheaper to lose error elsewhere'
-        if o is not None and self.slowed and _slow_pick(c, j, self.speed, candidates):
+        if o is not None and self.slowed and (s := self._slow.get(c.name)) is not None and s[j]:   # (slowed: `curves` are all the options)
             note = 'modelled slower than the layer: taken to meet the budget'
         rows[c.name].update(method=o[0] if o else c.method, rank=o[1] if o else None, params=c.params[-1], params_after=c.params[j],
                             macs=macs(-1), macs_after=macs(j), error=math.sqrt(c.err[j]),
