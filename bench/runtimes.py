@@ -5,6 +5,8 @@ The baseline is the dense model with its BatchNorms folded (`fold_bn`), which ev
 decomposition's own. Variants, per model and batch:
     dense     the folded dense model
     keep=0.5  decompose_model(model, 'tucker', keep=0.5) (Linear by SVD), then `optimize` (folded, adjacent linear layers merged)
+    keep=0.5 exact  the same with round_to=1: the exact ranks, not multiples of 8 (the default since ranks off the 8-channel block
+              take a conv out of onnxruntime's NCHWc layout)
     latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
               eager PyTorch, with the least error; then `optimize`
     aware-ort, latency-ort: LatencyAware(keep=0.5) / LatencyBudget(keep=0.5) timed in onnxruntime (`runtime_timer`): each layer's
@@ -54,6 +56,7 @@ def variants(name, model, sample, batch, a)->dict:
         d, r = decompose_model(model, 'tucker', rank=rank, sample=sample, quiet=True, **kw)
         return optimize(d, memory_format=torch.contiguous_format), f"{int(r.method.notna().sum()) if 'method' in r else '?'}/{len(r)} layers"
     add('keep=0.5', lambda: dec(keep=0.5))
+    if 'keep=0.5 exact' in a.variants: add('keep=0.5 exact', lambda: dec(keep=0.5, round_to=1))
     def latency():
         lb = LatencyBudget(keep=0.5, batch=batch, baseline='as_run')
         m, note = dec(rank=lb)
@@ -141,7 +144,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--models', default='resnet18,resnet50,mobilenet_v2,vgg16_bn,digits')
     p.add_argument('--batches', default='1,64'); p.add_argument('--runtimes', default=','.join(RUNTIMES))
-    p.add_argument('--variants', default='keep=0.5,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
+    p.add_argument('--variants', default='keep=0.5,keep=0.5 exact,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--size', type=int, default=224); p.add_argument('--freezing', action='store_true')
     p.add_argument('--out', default='bench/out/runtimes.txt')

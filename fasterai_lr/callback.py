@@ -15,9 +15,10 @@ import fastai.callback.schedule   # learn.fit_one_cycle and friends: the schedul
 from fastai.optimizer import OptimWrapper
 from .core import *
 from .core import _is_int, _is_real, _py
+from .factorize import ROUND_TO
 from .layers import rank_option, NOT_CP
 from torch.nn.parallel import DistributedDataParallel as DDP
-from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, Calibrator, _check_rule
+from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, Calibrator, _check_rule, _round
 from .calibrate import Calibration
 from .ranks import n_params, model_macs
 
@@ -143,6 +144,7 @@ class DecomposeCallback(Callback):
         calib=None,           # data-aware factors: True (a `Calibration` of `learn.dls.train` at the swap), or a `Calibration`
         head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
         verbose:bool=True,    # write one line in the progress output at each decomposition
+        round_to:int=ROUND_TO,# ranks from keep=, percent_removed=, energy= are multiples of it (or full); 1: any rank
     ):
         self.starts,self.layers = _stages(start_epoch, layers)
         if method not in Conv_Decomposer.methods+('auto',): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, Conv_Decomposer.methods+('auto',)))}")
@@ -153,7 +155,8 @@ class DecomposeCallback(Callback):
             raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
         opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
         if opt=='energy' and method=='cp': raise ValueError(NOT_CP)
-        self.exclude,self.opts = layer_names(exclude, 'exclude'),dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+        self.exclude = layer_names(exclude, 'exclude')
+        self.opts = dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy, round_to=_round(round_to))
         self.method,self.calib,self.head,self.verbose,self.todo,self.calib_used = method,calib,head,verbose,[],None
         self.report,self.totals = pd.DataFrame(),pd.DataFrame()
 

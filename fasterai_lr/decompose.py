@@ -29,15 +29,18 @@ __all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_D
            'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
-def _factorize(layer, method, build, kind, name='', call='', **opts)->Factorized:
+def _round(round_to)->int:
+    return check_number(round_to, 'round_to', 'a positive int: ranks are multiples of it, e.g. round_to=8 (1: any rank)', lo=1, integer=True)
+
+def _factorize(layer, method, build, kind, name='', call='', round_to:int=ROUND_TO, **opts)->Factorized:
     check_layer(layer, kind, name, call)
     opt,v = rank_option(**opts, name=name)
-    return build(layer, checked_rank(layer, method, opt, v, name))
+    return build(layer, checked_rank(layer, method, opt, v, name, _round(round_to)))
 
 def _per_layer(method:str, build, kind:type|tuple, call:str, doc:str):
     "The per-layer call `call` (e.g. 'Conv_Decomposer.Tucker'): a `kind` layer (class or tuple) and a rank option in, its block out"
-    def f(self, layer:nn.Module, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->Factorized:
-        return _factorize(layer, method, build, kind, name, call, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+    def f(self, layer:nn.Module, rank=None, keep=None, percent_removed=None, energy=None, name:str='', round_to:int=ROUND_TO)->Factorized:
+        return _factorize(layer, method, build, kind, name, call, round_to, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
     f.__name__,f.__qualname__,f.__doc__ = call.split('.')[1],call,doc
     f.__annotations__['layer'] = kind if isinstance(kind, type) else ' | '.join(f'nn.{k.__name__}' for k in kind)
     return f
@@ -68,11 +71,12 @@ class Conv_Decomposer:
 class Attention_Decomposer:
     "Decompose `nn.MultiheadAttention`: its q, k, v and output projections as low-rank factor pairs, in a `FactorizedMHA`"
     kind,methods,report = nn.MultiheadAttention,('svd',),None
-    def SVD(self, layer:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->FactorizedMHA:
+    def SVD(self, layer:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='',
+            round_to:int=ROUND_TO)->FactorizedMHA:
         """`layer` with each projection two Linears of rank `rank` (one int or 'full' for all, or a dict {'q','k','v','out': rank}: those
         left out stay whole), or the rank that `keep`/`percent_removed`/`energy` asks for of each projection"""
         check_attention(layer, name, 'Attention_Decomposer.SVD')
-        return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name))
+        return attention_svd(layer, attention_ranks(layer, rank, keep, percent_removed, energy, name, _round(round_to)))
 
 class RNN_Decomposer:
     "Decompose one-layer `nn.LSTM`/`nn.GRU`/`nn.RNN` by the truncated SVD of their input weights W_ih ≈ A·B: Linear(in, r) → RNN(r, h)"
@@ -457,7 +461,8 @@ def _check_quantized(model, kinds):
 AUTO = "method='auto' lets a rank budget choose each layer's method: pass rank=Budget(params=...) (or macs=), or a {layer: (method, rank)} dict"
 
 # %% ../nbs/03_decompose.ipynb #6f1e2a01
-def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=None, calib=None, **opts)->SimpleNamespace:
+def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=None, calib=None, round_to:int=ROUND_TO,
+              **opts)->SimpleNamespace:
     """The arguments of a walk over `model`, checked (a clear error before anything is touched): kinds, method, layers, the rank (option or
     rule) and calibration"""
     kinds = tuple(kinds) if isinstance(kinds, (tuple, list)) else (kinds,)
@@ -473,11 +478,11 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
     if isinstance(rank, dict): rank = first_names(rank, model); _check_rank_dict(rank, dict(model.named_modules()))
     if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
-    opt,v = ('plan', None) if per_layer else rank_option(**opts)
+    opt,v,round_to = *(('plan', None) if per_layer else rank_option(**opts)),_round(round_to)
     if opt=='energy' and method=='cp': raise ValueError(NOT_CP)
     _check_quantized(model, kinds)
     return SimpleNamespace(kinds=kinds, method=method, methods=methods, layers=layers, exclude=exclude, rank=rank, calib=calib,
-                           opt=opt, v=v)
+                           opt=opt, v=v, round_to=round_to)
 
 # %% ../nbs/03_decompose.ipynb #6f1e2a02
 def _all_done(new, todo, out, w)->bool:
@@ -547,10 +552,11 @@ def _check_model_rank(v, cands):
     if fulls and v!='full' and all(_at_most_full(v, m, meth, n)==fulls[n] for n,m,meth,_ in cands):
         raise ValueError(f"rank={v} is above the full rank of every layer ({', '.join(f'{n}: {f}' for n,f in fulls.items())}); pass a smaller rank, or keep=")
 
-def _layer_choice(n, m, meth, plan, opt, v, methods):
-    "(method, rank) for candidate layer `n` from the rank `plan` or the rank option `opt`=`v`; (None, note) where the plan leaves it"
-    if isinstance(m, nn.MultiheadAttention): return _attention_choice(n, m, plan, opt, v)
-    if plan is None: return meth, layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n)
+def _layer_choice(n, m, meth, plan, opt, v, methods, round_to:int=1):
+    """(method, rank) for candidate layer `n` from the rank `plan` or the rank option `opt`=`v` (a multiple of `round_to` where it is a
+    fraction); (None, note) where the plan leaves it"""
+    if isinstance(m, nn.MultiheadAttention): return _attention_choice(n, m, plan, opt, v, round_to)
+    if plan is None: return meth, layer_rank(kernel(m), meth, opt, _at_most_full(v, m, meth, n) if opt=='rank' else v, n, round_to)
     if plan.get(n) is None: return None, 'not in the rank plan'
     if isinstance(plan[n], tuple) and isinstance(plan[n][0], str):   # (method, rank): this layer's own method
         meth = 'svd' if LAYER_METHODS[layer_kind(m)]==('svd',) else plan[n][0]
@@ -558,13 +564,13 @@ def _layer_choice(n, m, meth, plan, opt, v, methods):
     elif meth=='auto': raise ValueError(f"{n}: the rank plan gives a rank but no method; {AUTO}")
     return meth, layer_rank(kernel(m), meth, 'rank', _plan_rank(plan[n]), n)
 
-def _attention_choice(n, m, plan, opt, v):
+def _attention_choice(n, m, plan, opt, v, round_to:int=1):
     "('svd', {projection: rank}) for attention `n` from the plan or the rank option (a model's one rank: at most each projection's)"
     if plan is not None:
         if plan.get(n) is None: return None, 'not in the rank plan'
         opt,v = 'rank',_plan_rank(plan[n])
     if opt=='rank' and _is_int(v): v = min(v, m.embed_dim, m.kdim, m.vdim)
-    return 'svd', attention_ranks(m, **{opt: v}, name=n)
+    return 'svd', attention_ranks(m, **{opt: v}, name=n, round_to=round_to)
 
 def _svd_note(layer, meth:str, method:str)->str:
     """The report's note where a conv gets SVD rather than the walk's `method` (a 1×1 one, or a 1-D one asked for its spatial split), and
@@ -582,7 +588,7 @@ def choices(new:nn.Module, cands:list, rows:dict, w:SimpleNamespace, sample=None
     if w.opt=='rank': _check_model_rank(w.v, cands)
     items = []
     for n,m,meth,shp in cands:
-        meth,r = _layer_choice(n, m, meth, plan, w.opt, w.v, w.methods)
+        meth,r = _layer_choice(n, m, meth, plan, w.opt, w.v, w.methods, w.round_to)
         if meth is None: rows[n]['note'] = r; continue
         p1,m1 = layer_costs(m, meth, r, shp)
         if p1 >= rows[n]['params'] and not (w.opt=='rank' and w.v=='full'):
@@ -655,10 +661,12 @@ def decompose(self:FC_Decomposer|Conv_Decomposer, model:nn.Module,
               quiet:bool=False,     # hide the progress bar
               calib=None,           # data-aware factors: a `Calibration` (or another `Calibrator`)
               head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
+              round_to:int=ROUND_TO,# ranks from keep=, percent_removed=, energy= are multiples of it (or full): 8 keeps runtimes' blocked
+                                    # layouts (onnxruntime's NCHWc, oneDNN's) whole; 1: any rank
              )->nn.Module:
     "A copy of `model` with its layers decomposed; the report is kept in `self.report`"
     new,self.report = decompose_layers(model, self.kind, method or self.methods[0], self.methods, layers, exclude, sample, quiet,
-                                       calib, head, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy)
+                                       calib, head, rank=rank, keep=keep, percent_removed=percent_removed, energy=energy, round_to=round_to)
     return new
 
 # %% ../nbs/03_decompose.ipynb #cc8be9a8

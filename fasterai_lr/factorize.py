@@ -11,11 +11,12 @@ from functools import reduce
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'as_2d', 'kernel_dtype', 'tucker2',
-           'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
-           'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'linear_rank',
-           'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks', 'factor_chain',
-           'factor_costs', 'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank', 'keep_rank']
+__all__ = ['ROUND_TO', 'all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'as_2d', 'kernel_dtype',
+           'tucker2', 'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
+           'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'round_rank', 'round_rank_up',
+           'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks',
+           'factor_chain', 'factor_costs', 'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank',
+           'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -293,6 +294,20 @@ def full_ranks(shape, nd:int=2)->dict:
     kh,kw = math.prod(ks[:-1]),ks[-1]   # spatial SVD splits the last spatial dim from the others
     return dict(svd=min(O, I*kh*kw), spatial=min(I*kh, O*kw), tucker=(O, I), cp=cp_full_rank((O,I,*ks)))
 
+# %% ../nbs/00_factorize.ipynb #r0und8a1
+ROUND_TO = 8   # ranks from keep=, percent_removed=, energy= are multiples of it: the channel block of runtimes' vector kernels
+
+def round_rank(r, step:int, full):
+    "`r` (an int, or Tucker's pair) rounded down to a multiple of `step`; a rank below `step` or at `full` stays"
+    if isinstance(r, tuple): return tuple(round_rank(a, step, f) for a,f in zip(r, full))
+    return r if r >= full or r < step else r//step*step
+
+def round_rank_up(r, step:int, full):
+    "`r` (an int, or Tucker's pair) rounded up to a multiple of `step`, at most `full`"
+    if isinstance(r, tuple): return tuple(round_rank_up(a, step, f) for a,f in zip(r, full))
+    return min(full, step*math.ceil(r/step))
+
+
 # %% ../nbs/00_factorize.ipynb #feb91a77
 def linear_rank(m:int, n:int, keep:float)->int:
     "Largest rank whose two factors hold at most `keep` of an m×n matrix's parameters (at least 1)"
@@ -310,8 +325,9 @@ def energy_rank(S:Tensor, energy:float)->int:
     e = e/e[...,-1:].clamp_min(1e-300)
     return max(1, int((e < energy-1e-12).sum(-1).max().item())+1)
 
-def tucker_budget_ranks(K:Tensor, keep:float)->tuple[int,int]:
-    "The Tucker-2 ranks (r_o, r_i) within `keep` of K's parameters that minimise the HOSVD error bound of K (…×O×I×kh×kw)"
+def tucker_budget_ranks(K:Tensor, keep:float, step:int=1)->tuple[int,int]:
+    """The Tucker-2 ranks (r_o, r_i) within `keep` of K's parameters that minimise the HOSVD error bound of K (…×O×I×kh×kw), each a
+    multiple of `step` or full (any ranks where no such pair fits)"""
     O,I,kh,kw = K.shape[-4:]
     X = K.to(kernel_dtype(K))
     # discarded energy of each channel mode at every rank: ‖K-K̂‖² ≤ tail_o[r_o] + tail_i[r_i] (de Lathauwer et al. 2000)
@@ -323,9 +339,9 @@ def tucker_budget_ranks(K:Tensor, keep:float)->tuple[int,int]:
     P,ri = keep*O*I*kh*kw + 1e-9, torch.arange(1, I+1)
     c_in = I*ri*(ri<I)                                         # a full-rank factor is folded into the core (`conv_costs`)
     ro = ((P - c_in) / (ri*kh*kw + O)).floor().clamp(max=O-1).long()
-    ro = torch.where(c_in + O*ri*kh*kw <= P, O, ro)
-    ok = ro >= 1
-    if not ok.any(): return 1, 1
+    ro = torch.where(c_in + O*ri*kh*kw <= P, O, ro - ro % step)
+    ok = (ro >= 1) & ((ri % step == 0) | (ri == I))
+    if not ok.any(): return tucker_budget_ranks(K, keep) if step > 1 else (1, 1)
     err = (t_o[ro.clamp(min=0)] + t_i[ri]).masked_fill(~ok, float('inf'))
     j = int(err.argmin())
     return int(ro[j]), int(ri[j])

@@ -18,11 +18,12 @@ from .factorize import *
 from .core import *
 from .layers import *
 from .decompose import *
+from .decompose import _round
 from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan, _prepare
 
 # %% auto #0
 __all__ = ['LATENCIES', 'RUNTIMES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner', 'in_runtime',
-           'runtime_timer', 'round_rank', 'keep_options', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear',
+           'runtime_timer', 'keep_options', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear',
            'fastest_format', 'optimize', 'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
@@ -150,15 +151,9 @@ def runtime_timer(runtime:str='onnxruntime', threads:int|None=None, reps:int=5)-
     return timer
 
 # %% ../nbs/07_latency.ipynb #9afc8478
-def round_rank(r, step:int, full):
-    "`r` (an int, or Tucker's pair) rounded down to a multiple of `step`; a rank below `step` or at `full` stays"
-    if isinstance(r, tuple): return tuple(round_rank(a, step, f) for a,f in zip(r, full))
-    return r if r >= full or r < step else r//step*step
-
 def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[tuple]:
-    "(method, rank) options within `keep` of `layer`'s parameters: the largest rank and its roundings down to multiples of each of `steps`"
-    r,full = layer_rank(kernel(layer), method, 'keep', keep), layer_full_ranks(layer)[method]
-    return [(method, x) for x in dict.fromkeys([r] + [round_rank(r, s, full) for s in steps])]
+    "(method, rank) options within `keep` of `layer`'s parameters: for each of `steps`, the best rank of multiples of it"
+    return [(method, r) for r in dict.fromkeys(layer_rank(kernel(layer), method, 'keep', keep, round_to=s) for s in steps)]
 
 # %% ../nbs/07_latency.ipynb #a9d6f66e
 def _shapes(model, cands, sample):
@@ -394,7 +389,7 @@ class LatencyBudget(ModelBudget):
                  batch:int=1, device='cpu',
                  methods=('tucker','svd'),     # methods to choose from for k×k convs (None: the decomposer's)
                  fracs=(0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6), # fractions of each layer's parameters to offer
-                 round_to:int=8,               # ranks offered are multiples of it (where they exceed it)
+                 round_to:int=ROUND_TO,        # ranks offered are multiples of it (where they exceed it)
                  baseline:str='given',         # 'given': a fraction of the model as it came; 'as_run': of the dense one, same rewrites
                  fold:bool=True,               # time models with their BatchNorms folded, as `optimize` runs them
                  check:bool=True,              # time the planned model and tighten until it meets the budget
@@ -411,7 +406,7 @@ class LatencyBudget(ModelBudget):
         for k,v in dict(fold=fold, check=check).items():
             if not isinstance(v, bool): raise TypeError(f"{k}={v!r} is not a bool; pass True or False")
         methods,fracs = _check_methods(methods),_fractions(fracs, 'fracs')
-        round_to = check_number(round_to, 'round_to', 'a positive int: ranks offered are multiples of it, e.g. round_to=8', lo=1, integer=True)
+        round_to = _round(round_to)
         rounds = check_number(rounds, 'rounds', 'a positive int: at most this many plans are timed, e.g. rounds=3', lo=1, integer=True)
         store_attr('keep,methods,fracs,round_to,baseline,fold,check,rounds,alloc,sample')
         self.timer,self.report,self.achieved = LayerTimer(batch, device, timer, cache, memory_format, reps), None, None
@@ -419,9 +414,9 @@ class LatencyBudget(ModelBudget):
 
 # %% ../nbs/07_latency.ipynb #a0065947
 def _options(layer, method, methods, fracs, round_to):
-    K,full = kernel(layer),layer_full_ranks(layer)
+    K = kernel(layer)
     return [(m, r) for m in _methods(layer, method, methods)
-            for r in dict.fromkeys(round_rank(layer_rank(K, m, 'keep', f), round_to, full[m]) for f in fracs)]
+            for r in dict.fromkeys(layer_rank(K, m, 'keep', f, round_to=round_to) for f in fracs)]
 
 def _curves(self, model, cands, sample, calib=None):
     shapes,curves = _shapes(model, cands, sample),[]

@@ -86,21 +86,23 @@ def layer_full_ranks(layer:nn.Module)->dict:
 
 NOT_CP = "energy= is not defined for CP (it has no singular values); pass rank= or keep="
 
-def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
-    "The rank of `method` for kernels K (G×O×I×k…, as `kernel` gives them) that option `opt`=`value` asks for"
+def layer_rank(K:Tensor, method:str, opt:str, value, name:str='', round_to:int=1):
+    """The rank of `method` for kernels K (G×O×I×k…, as `kernel` gives them) that option `opt`=`value` asks for; `keep`, `percent_removed`
+    and `energy` give multiples of `round_to` (down within keep= or percent_removed=, up for energy=) or the full rank"""
     nd,at = K.ndim-3, f"{name}: " if name else ''
     if method=='spatial' and nd < 2:
         raise ValueError(f"{at}spatial SVD splits a kernel's leading spatial dims from its last one, and a 1-D conv has a single one: its channel SVD is that split; "
                          "pass method='svd' (Conv_Decomposer().SVD) instead")
     O,I,*ks = K.shape[1:]
     full,K = full_ranks(K.shape, nd)[method], as_2d(K, nd)   # the SVD and Tucker-2 math see a 2-D kernel
-    if opt=='keep': return tucker_budget_ranks(K, value) if method=='tucker' else kernel_keep_rank(method, O, I, ks, value)
+    if opt=='keep':
+        return tucker_budget_ranks(K, value, round_to) if method=='tucker' else round_rank(kernel_keep_rank(method, O, I, ks, value), round_to, full)
     if opt=='percent_removed':
-        return tuple(max(1, round((1-value)*f)) for f in full) if method=='tucker' else max(1, round((1-value)*full))
+        return round_rank(tuple(max(1, round((1-value)*f)) for f in full) if method=='tucker' else max(1, round((1-value)*full)), round_to, full)
     if opt=='energy':
         if method=='cp': raise ValueError(at + NOT_CP)
-        if method=='tucker': return tuple(energy_rank(singular_values_sq(unfold(K, i)).sqrt(), value) for i in (0,1))
-        return energy_rank(singular_values_sq(svd_matrix(K, method)).sqrt(), value)
+        if method=='tucker': return round_rank_up(tuple(energy_rank(singular_values_sq(unfold(K, i)).sqrt(), value) for i in (0,1)), round_to, full)
+        return round_rank_up(energy_rank(singular_values_sq(svd_matrix(K, method)).sqrt(), value), round_to, full)
     if isinstance(value, str) and value=='full': return full
     py = lambda x: _py(x) if _is_int(x) else x                                      # (np.int64 ranks: Python ints in the layers)
     value = tuple(map(py, value)) if isinstance(value, tuple) else py(value)
@@ -112,11 +114,11 @@ def layer_rank(K:Tensor, method:str, opt:str, value, name:str=''):
     if value > full: raise ValueError(f"{at}rank={value} is above the full rank {full} of {method} for this layer; pass a rank in 1..{full}")
     return value
 
-def checked_rank(layer:nn.Module, method:str, opt:str, value, name:str=''):
+def checked_rank(layer:nn.Module, method:str, opt:str, value, name:str='', round_to:int=1):
     """`layer_rank` for a call on `layer` alone: an error where `keep=` finds no factorization smaller than the layer (a model's walk leaves
     it)"""
     K = kernel(layer)
-    r = layer_rank(K, method, opt, value, name)
+    r = layer_rank(K, method, opt, value, name, round_to)
     if opt!='keep': return r
     G,O,I,*ks = K.shape
     cost = lambda m, r=None: kernel_costs(m, r, O, I, ks, G)[0]
@@ -372,13 +374,13 @@ def check_attention(mha:nn.Module, name:str='', call:str='')->None:
         if not all_finite(w.detach()): raise ValueError(f"{at} has NaN or Inf weights ({k}); fix or retrain the layer before decomposing it")
 
 # %% ../nbs/02_layers.ipynb #9e5f13b4
-def attention_ranks(mha:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='')->dict:
+def attention_ranks(mha:nn.MultiheadAttention, rank=None, keep=None, percent_removed=None, energy=None, name:str='', round_to:int=1)->dict:
     """{projection: rank} that the rank option asks for of each projection of `mha`: `rank` one for all (an int or 'full') or a dict
     {'q','k','v','out': rank} (those left out stay whole); `keep`: of each projection's parameters, so of all of them"""
     lins,at = projections(mha),lambda p: f"{name or 'attention'}.{p}_proj"
     if not isinstance(rank, dict):
         opt,v = rank_option(rank, keep, percent_removed, energy, name)
-        return {p: checked_rank(l, 'svd', opt, v, at(p)) for p,l in lins.items()}
+        return {p: checked_rank(l, 'svd', opt, v, at(p), round_to) for p,l in lins.items()}
     if others := [f'{k}=' for k,v in zip(RANK_OPTIONS[1:], (keep, percent_removed, energy)) if v is not None]:
         raise ValueError(f"{name + ': ' if name else ''}got rank= and {others[0]} at once; pass only one of rank=, keep=, percent_removed=, energy=")
     if not rank or set(rank) - set(PROJECTIONS):

@@ -15,7 +15,7 @@ from .core import *
 from .layers import *
 from .decompose import *
 from .layers import _kernel_2d
-from .decompose import _check_calib, _plan_rank
+from .decompose import _check_calib, _plan_rank, _round
 
 # %% auto #0
 __all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
@@ -71,16 +71,11 @@ def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading 
     return max(1, r)
 
 # %% ../nbs/04_ranks.ipynb #480ce168
-def _round_up(r:int, step:int, full:int)->int: return min(full, step*math.ceil(r/step))
-
-def _round_to(v)->int:
-    return check_number(v, 'round_to', 'a positive int: ranks are multiples of it, e.g. round_to=8 (1: any rank)', lo=1, integer=True)
-
 class VBMF(RankRule):
     "Per-layer rank rule: empirical VBMF on each layer's matrix (SVD methods) or both channel unfoldings (Tucker, Kim et al. 2015)"
     def __init__(self, energy:float=0.9, # the energy rule to fall back to where the noise cannot be estimated
-                 round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank)
-        self.energy,self.round_to = _energy(energy),_round_to(round_to)
+                 round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank), e.g. ROUND_TO
+        self.energy,self.round_to = _energy(energy),_round(round_to)
     def rank(self, layer:nn.Module, method:str):
         "The VBMF rank of `layer` for `method` (an attention: {projection: rank} of those it shrinks; of all four where it shrinks none)"
         if isinstance(layer, nn.MultiheadAttention):
@@ -89,8 +84,8 @@ class VBMF(RankRule):
             return {p: r for p,r in rs.items() if r*sum(lins[p].weight.shape) < lins[p].weight.numel()} or rs
         K,full = _kernel_2d(layer),layer_full_ranks(layer)[method]   # (the SVD and Tucker-2 matrices of a 2-D kernel)
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
-        if method=='tucker': return tuple(_round_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
-        return _round_up(vbmf_rank(svd_matrix(K, method), self.energy), self.round_to, full)
+        if method=='tucker': return tuple(round_rank_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
+        return round_rank_up(vbmf_rank(svd_matrix(K, method), self.energy), self.round_to, full)
     def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
         "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model`"
         return {n: self.rank(l, m) for n,l,m,_ in candidates}
@@ -378,7 +373,7 @@ class Budget(ModelBudget):
     "Ranks for all decomposable layers that keep `params` (or `macs`) of the whole model with the least (weighted) error"
     def __init__(self, params:float|None=None, # fraction of the whole model's parameters to keep
                  macs:float|None=None,      # fraction of the whole model's multiply-adds to keep (needs `sample=`)
-                 round_to:int=1,            # ranks are multiples of it (8, say, for efficient kernels)
+                 round_to:int=1,            # ranks are multiples of it (ROUND_TO, 8: the channel block of vector kernels)
                  alloc:str='greedy',        # 'greedy': least Σ weighted error; 'minmax': least largest weighted error (ALDS)
                  calib=None,                # a `Calibration`: each layer's errors are its output errors on its data; the plan is checked
                  sample=None,               # a batch (or its shape) to count the whole model's MACs with
@@ -392,7 +387,7 @@ class Budget(ModelBudget):
         (by,keep), = given.items()
         what = 'parameters' if by=='params' else 'multiply-adds'
         self.by,self.keep = by,check_number(keep, by, f"the fraction of the whole model's {what} to keep, e.g. {by}=0.5", lo=0, hi=1, ends='(]')
-        round_to = _round_to(round_to)
+        round_to = _round(round_to)
         res = check_number(res, 'res', 'a positive int: at most this many ranks per Tucker mode, e.g. res=64', lo=1, integer=True)
         if alloc not in ('greedy','minmax'): raise ValueError(f"unknown alloc={alloc!r}; pass 'greedy' or 'minmax'")
         _check_calib(calib)

@@ -117,7 +117,7 @@ def test_rank_options():
     assert svd(emb, percent_removed=0.75).rank == 6
     S2 = torch.linalg.svdvals(emb.weight.detach().double()).square()
     e = (S2.cumsum(0)/S2.sum())
-    r = svd(emb, energy=0.8).rank
+    r = svd(emb, energy=0.8, round_to=1).rank
     assert e[r-1] >= 0.8-1e-9 and (r==1 or e[r-2] < 0.8), f"energy=0.8 gave rank {r}, energies {e.tolist()}"
     assert layer_rank(K, 'svd', 'rank', 'full') == checked_rank(nn.EmbeddingBag(24, 200), 'svd', 'rank', 'full') == 24
 

@@ -5,6 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fasterai_lr.core import *
 from fasterai_lr.layers import Factorized, shell
 from fasterai_lr.decompose import Conv_Decomposer, FC_Decomposer, decompose_model
+from fasterai_lr.factorize import round_rank
 from fasterai_lr.latency import *
 
 def macs(m, x):

@@ -59,8 +59,9 @@ def test_eckart_young_and_costs(kind):
 
 def test_keep_energy_and_grad():
     rnn = make(nn.GRU, I=64, H=16)
-    blk = RNN_Decomposer().SVD(rnn, keep=0.5)
+    blk = RNN_Decomposer().SVD(rnn, keep=0.5, round_to=1)
     assert blk.rank*(48+64) <= 0.5*48*64 < (blk.rank+1)*(48+64), blk.rank
+    assert RNN_Decomposer().SVD(rnn, keep=0.5).rank == blk.rank//8*8   # (the default: multiples of 8)
     assert RNN_Decomposer().SVD(rnn, energy=1.0).rank == 48
     rnn.requires_grad_(False)
     assert not any(p.requires_grad for p in RNN_Decomposer().SVD(rnn, rank=4).parameters())

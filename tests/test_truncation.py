@@ -82,17 +82,17 @@ def test_conv_svd_error_is_tail(shape, method, frac, dtype):
 @pytest.mark.parametrize('energy', [0.3, 0.75, 0.95, 1.0])
 @pytest.mark.parametrize('method', ['SVD', 'Spatial', 'Linear'])
 def test_energy_picks_smallest_rank(method, energy):
-    "energy=e keeps the smallest rank whose leading singular values hold at least e of the squared total"
+    "energy=e (round_to=1) keeps the smallest rank whose leading singular values hold at least e of the squared total"
     K = randk(8, 6, 3, 3, seed=3)
     if method=='Linear':
         layer = nn.Linear(18, 8)
         with torch.no_grad(): layer.weight.copy_(K.flatten(1)[:, :18])
         S = torch.linalg.svdvals(layer.weight.detach().double())
-        blk = FC_Decomposer().SVD(layer, energy=energy)
+        blk = FC_Decomposer().SVD(layer, energy=energy, round_to=1)
     else:
         layer = conv_with(K)
         S = torch.linalg.svdvals(svd_matrices(K.double()[None], method.lower())[0])
-        blk = getattr(Conv_Decomposer(), method)(layer, energy=energy)
+        blk = getattr(Conv_Decomposer(), method)(layer, energy=energy, round_to=1)
     share = S.square().cumsum(0)/S.square().sum()
     want = int((share < energy-1e-12).sum())+1
     assert blk.rank==want, f"{method} energy={energy}: rank {blk.rank}, expected {want} (cumulative shares {share.numpy().round(3)})"
@@ -194,3 +194,44 @@ def test_big_linear_svd_near_tail(rank):
     blk = FC_Decomposer().SVD(lin, rank=rank)
     err = (W - blk[1].weight.detach().double() @ blk[0].weight.detach().double()).norm().item()
     assert err <= 1.02*want, f"Linear({n}, {m}) rank {rank}: error {err:.6g}, Eckart–Young tail {want:.6g} ({err/want-1:+.2%})"
+
+# ---- ranks from fractions are multiples of ROUND_TO (8) by default: the channel blocks of runtimes' vector kernels
+
+from fasterai_lr.factorize import ROUND_TO, round_rank, round_rank_up
+from fasterai_lr.layers import layer_full_ranks
+from fasterai_lr.decompose import decompose_model
+from fasterai_lr.callback import DecomposeCallback
+
+def _aligned(r, full, step=ROUND_TO): return all(a==f or a % step==0 or a < step for a,f in zip(*((r, full) if isinstance(r, tuple) else ((r,), (full,)))))
+
+ROUNDED = [(m, opt, v) for m in ('Tucker', 'CP', 'SVD', 'Spatial') for opt,v in (('keep', 0.3), ('keep', 0.5), ('percent_removed', 0.4), ('energy', 0.7))
+           if not (m=='CP' and opt=='energy')]
+
+@pytest.mark.parametrize('method,opt,v', ROUNDED, ids=[f"{m}-{o}-{v}" for m,o,v in ROUNDED])
+def test_fraction_ranks_are_rounded(method, opt, v):
+    "keep= and percent_removed= round down to multiples of 8 (or leave the full rank), energy= rounds up; round_to=1 gives the exact rule"
+    layer = conv_with(randk(72, 40, 3, 3, seed=5))
+    f,full = getattr(Conv_Decomposer(), method),layer_full_ranks(layer)[method.lower()]
+    r,exact = f(layer, **{opt: v}).rank,f(layer, **{opt: v}, round_to=1).rank
+    assert _aligned(r, full), f"{method} {opt}={v}: rank {r} is not a multiple of {ROUND_TO}"
+    if opt=='energy': assert r==round_rank_up(exact, ROUND_TO, full), (r, exact)
+    elif method!='Tucker' or opt=='percent_removed': assert r==round_rank(exact, ROUND_TO, full), (r, exact)
+    else:   # Tucker's keep= searches the pairs of multiples for the least error bound: within keep, at most the exact pair's parameters
+        cost = lambda rk: sum(l.weight.numel() for l in f(layer, rank=rk))
+        assert cost(exact) >= cost(r) and cost(r) <= v*layer.weight.numel() and cost(r) > 0.6*v*layer.weight.numel(), (r, exact)
+    assert _aligned(f(layer, **{opt: v}, round_to=16).rank, full, 16), f"{method} {opt}={v}, round_to=16"
+
+def test_walk_and_callback_round():
+    "decompose_model and DecomposeCallback round the same way, and take round_to=; a bad round_to is refused before anything is touched"
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 72, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 12, 12))
+    _,rep = decompose_model(model, 'tucker', keep=0.5, quiet=True, head=True)
+    mods = dict(model.named_modules())
+    done = rep[rep.method.notna()]
+    assert len(done) >= 2 and all(_aligned(r, layer_full_ranks(mods[n])[m]) for n,m,r in zip(done.layer, done.method, done['rank'])), rep
+    _,exact = decompose_model(model, 'tucker', keep=0.5, quiet=True, head=True, round_to=1)
+    assert list(exact['rank']) != list(rep['rank']), "round_to=1 gives the exact ranks"
+    assert DecomposeCallback(keep=0.5, round_to=1).opts['round_to']==1 and DecomposeCallback(keep=0.5).opts['round_to']==ROUND_TO
+    for bad in (0, 2.5, 'eight'):
+        with pytest.raises((ValueError, TypeError), match='round_to'): decompose_model(model, 'tucker', keep=0.5, quiet=True, round_to=bad)
+        with pytest.raises((ValueError, TypeError), match='round_to'): DecomposeCallback(keep=0.5, round_to=bad)

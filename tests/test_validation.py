@@ -185,7 +185,7 @@ def _equal(a, b): return a.keys()==b.keys() and all(torch.equal(a[k], b[k]) for 
 
 @pytest.mark.parametrize('kw,py', [(dict(rank=np.int64(4)), dict(rank=4)), (dict(rank=np.int32(3)), dict(rank=3)), (dict(rank=(np.int64(4), np.int64(2))), dict(rank=(4, 2))),
                                    (dict(keep=np.float64(0.5)), dict(keep=0.5)), (dict(keep=np.float32(0.25)), dict(keep=0.25)), (dict(percent_removed=np.float64(0.5)), dict(percent_removed=0.5)),
-                                   (dict(energy=np.float64(0.9)), dict(energy=0.9)), (dict(rank={'features.2': np.int64(3)}), dict(rank={'features.2': 3})),
+                                   (dict(energy=np.float64(0.9), round_to=1), dict(energy=0.9, round_to=1)), (dict(keep=0.5, round_to=np.int64(4)), dict(keep=0.5, round_to=4)), (dict(rank={'features.2': np.int64(3)}), dict(rank={'features.2': 3})),
                                    (dict(rank={'features.2': (np.int64(3), np.int64(2))}), dict(rank={'features.2': (3, 2)})), (dict(rank=Budget(params=np.float64(0.5))), dict(rank=Budget(params=0.5))),
                                    (dict(rank=Budget(params=0.5, round_to=np.int64(2))), dict(rank=Budget(params=0.5, round_to=2))), (dict(rank=VBMF(round_to=np.int64(4))), dict(rank=VBMF(round_to=4)))])
 def test_numpy_numbers_are_numbers(kw, py):
