@@ -23,8 +23,9 @@ from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan,
 
 # %% auto #0
 __all__ = ['LATENCIES', 'RUNTIMES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner', 'in_runtime',
-           'runtime_timer', 'keep_options', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear',
-           'fastest_format', 'optimize', 'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
+           'runtime_timer', 'keep_options', 'ort_reorders', 'LatencyAware', 'choose', 'linked', 'fold_bn',
+           'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget', 'measured_speed', 'roofline',
+           'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -154,6 +155,17 @@ def runtime_timer(runtime:str='onnxruntime', threads:int|None=None, reps:int=5)-
 def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[tuple]:
     "(method, rank) options within `keep` of `layer`'s parameters: for each of `steps`, the best rank of multiples of it"
     return [(method, r) for r in dict.fromkeys(layer_rank(kernel(layer), method, 'keep', keep, round_to=s) for s in steps)]
+
+# %% ../nbs/07_latency.ipynb #0r7re0a1
+def ort_reorders(model:nn.Module, x:Tensor)->int:
+    """Layout conversions (`ReorderInput`/`ReorderOutput` nodes) in the graph onnxruntime optimizes `model` to on this CPU: each copies an
+    activation in or out of the blocked NCHWc layout, which convs with channels off the block (8 on AVX2, 16 on AVX-512) cannot use"""
+    import onnx, onnxruntime as ort
+    r = OrtRunner(model, x, 1)
+    o = ort.SessionOptions()
+    o.optimized_model_filepath,o.log_severity_level = str(r.path.with_name('optimized.onnx')),3
+    ort.InferenceSession(str(r.path), o, providers=['CPUExecutionProvider'])
+    return sum(n.op_type.startswith('Reorder') for n in onnx.load(o.optimized_model_filepath).graph.node)
 
 # %% ../nbs/07_latency.ipynb #a9d6f66e
 def _shapes(model, cands, sample):

@@ -176,3 +176,18 @@ def test_runtimes():
     with torch.no_grad(): assert new(x).shape == want.shape
     keys = {k[-1] for k in la.timer.cache}
     assert keys == {'onnxruntime'}, keys
+
+# ---- ranks in multiples of 8 keep onnxruntime's blocked layout (no reorder around a factor chain); exact ranks break it
+
+def test_aligned_ranks_keep_onnxruntimes_layout():
+    "The graph onnxruntime optimizes a decomposed resnet18 to has as many NCHWc reorders as the dense one's, by every fraction rule and an aligned budget"
+    from torchvision.models import resnet18
+    from fasterai_lr.latency import ort_reorders, fold_bn
+    net, x = resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)
+    reorders = lambda **kw: ort_reorders(decompose_model(net, quiet=True, **kw)[0], x)
+    dense = ort_reorders(fold_bn(net), x)
+    assert dense <= 2, f"the dense resnet18 has {dense} reorders: onnxruntime does not use NCHWc here"
+    for kw in (dict(keep=0.5), dict(method='svd', keep=0.3), dict(energy=0.5), dict(rank=Budget(params=0.5, round_to=8))):   # (percent_removed=: the stem's
+        # 3 input channels get rank 1 or 2, below one block, which stays: a reorder)
+        assert reorders(**kw) == dense, f"{kw}: {reorders(**kw)} reorders, the dense model {dense}"
+    assert reorders(keep=0.5, round_to=1) > dense + 10, "exact ranks: a reorder pair around each unaligned factor chain"
