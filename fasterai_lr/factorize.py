@@ -13,10 +13,10 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['ROUND_TO', 'all_finite', 'work_dtype', 'gram', 'leading_subspace', 'svd_factors', 'unfold', 'as_2d', 'kernel_dtype',
            'tucker2', 'tucker2_to_tensor', 'cp_full_rank', 'cp_exact', 'cp_to_tensor', 'cp', 'balance', 'balance_cp',
-           'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'round_rank', 'round_rank_up',
-           'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks', 'tucker_keep_ranks',
-           'factor_chain', 'factor_costs', 'kernel_costs', 'conv_costs', 'linear_costs', 'kernel_keep_rank',
-           'keep_rank']
+           'balance_tucker', 'svd_matrix', 'channel_svd', 'spatial_svd', 'full_ranks', 'round_rank', 'rank_step',
+           'round_rank_up', 'linear_rank', 'singular_values_sq', 'energy_rank', 'tucker_budget_ranks',
+           'tucker_keep_ranks', 'factor_chain', 'factor_costs', 'kernel_costs', 'conv_costs', 'linear_costs',
+           'kernel_keep_rank', 'keep_rank']
 
 # %% ../nbs/00_factorize.ipynb #eaf3c51a
 _F64_BUDGET = 5e8  # multiply-adds (batch·m²·n of a Gram matrix) below which factorizing in float64 is cheap
@@ -302,11 +302,14 @@ def round_rank(r, step:int, full):
     if isinstance(r, tuple): return tuple(round_rank(a, step, f) for a,f in zip(r, full))
     return r if r >= full or r < step else r//step*step
 
+def rank_step(full:int, round_to:int|None=None)->int:
+    "The step of a layer's ranks: `round_to`, or if None `ROUND_TO` for a full rank of at least 8·`ROUND_TO` (64) and 1 below it"
+    return round_to if round_to is not None else ROUND_TO if full >= 8*ROUND_TO else 1
+
 def round_rank_up(r, step:int, full):
     "`r` (an int, or Tucker's pair) rounded up to a multiple of `step`, at most `full`"
     if isinstance(r, tuple): return tuple(round_rank_up(a, step, f) for a,f in zip(r, full))
     return min(full, step*math.ceil(r/step))
-
 
 # %% ../nbs/00_factorize.ipynb #feb91a77
 def linear_rank(m:int, n:int, keep:float)->int:

@@ -139,10 +139,11 @@ class Curve:
 
 FRACTIONS = tuple(np.geomspace(0.02, 0.95, 24).round(4)) # the parameter fractions a data-aware curve is fitted at (not SVD's: exact)
 
-def _fraction_ranks(layer:nn.Module, method:str, round_to:int=1)->list:
-    "One rank for each of `FRACTIONS` of `layer`'s parameters (Tucker: its best (out, in) split), rounded up to multiples of `round_to`"
+def _fraction_ranks(layer:nn.Module, method:str, round_to:int|None=1)->list:
+    """One rank for each of `FRACTIONS` of `layer`'s parameters (Tucker: its best (out, in) split), rounded up to multiples of `round_to`
+    (None: `rank_step`'s)"""
     K,full = kernel(layer),layer_full_ranks(layer)[method]
-    up = lambda r,f: min(f, round_to*math.ceil(r/round_to))
+    up = lambda r,f: round_rank_up(r, rank_step(f, round_to), f)
     rs = [layer_rank(K, method, 'keep', float(f)) for f in (FRACTIONS[::4] if method=='cp' else FRACTIONS)]   # (CP: an ALS each, 6 of them)
     return list(dict.fromkeys(tuple(map(up, r, full)) if method=='tucker' else up(r, full) for r in rs))
 
@@ -153,7 +154,7 @@ def _merged(name, layer, curves:list)->Curve|None:
     return Curve(name, layer, 'auto', [(c.method, r) for c in curves for r in c.ranks[:-1]] + [None], cat('params'),
                  cat('macs') if curves[0].macs is not None else None, cat('err'))
 
-def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int=1, res:int=64, calib=None)->Curve|None:
+def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int|None=1, res:int=64, calib=None)->Curve|None:
     """The options of `layer` for `method` ('auto': every method's), with weight errors or, given `calib`, output errors on its data (None
     when no rank is cheaper than the layer)"""
     if method=='auto':
@@ -162,10 +163,10 @@ def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int
     K,full = kernel(layer),layer_full_ranks(layer)[method]
     p0,m0 = layer_costs(layer, shapes=shapes)
     if calib is not None and method!='svd': ranks = _fraction_ranks(layer, method, round_to)   # each a data-aware fit: a few dozen
-    elif method=='tucker': ranks = [(a,b) for a in rank_grid(full[0], round_to, res) for b in rank_grid(full[1], round_to, res)]
+    elif method=='tucker': ranks = [(a,b) for a in rank_grid(full[0], rank_step(full[0], round_to), res) for b in rank_grid(full[1], rank_step(full[1], round_to), res)]
     else:
         per_rank = layer_costs(layer, method, 1)[0]       # linear in the rank: look no higher than the layer's own size
-        ranks = rank_grid(min(full, math.ceil(p0/per_rank)), round_to, 16*res)
+        ranks = rank_grid(min(full, math.ceil(p0/per_rank)), rank_step(full, round_to), 16*res)
     if not ranks: return None
     p,m = layer_costs(layer, method, tuple(torch.tensor(ranks).T) if method=='tucker' else torch.tensor(ranks), shapes)
     ok = (p < p0) & (m < m0) if shapes and m0 else p < p0   # (an embedding's lookup costs no MACs: its factors add some, and save weights)
@@ -176,7 +177,7 @@ def layer_curve(name:str, layer:nn.Module, method:str, shapes=None, round_to:int
     cat = lambda v,v0: np.append(v[ok].double().numpy(), v0)
     return Curve(name, layer, method, ranks+[None], cat(p,p0), cat(m,m0) if shapes else None, np.append(err, 0.))
 
-def layer_curves(candidates:list, round_to:int=1, res:int=64, calib=None)->list[Curve]:
+def layer_curves(candidates:list, round_to:int|None=1, res:int=64, calib=None)->list[Curve]:
     "A `Curve` for each of `candidates` [(name, layer, method, shapes)] that some rank makes cheaper; an attention: one per projection"
     cands,parts = split_attention(candidates)
     curves = [c for n,l,m,s in cands if (c := layer_curve(n, l, m, s, round_to, res, calib)) is not None]
@@ -373,7 +374,8 @@ class Budget(ModelBudget):
     "Ranks for all decomposable layers that keep `params` (or `macs`) of the whole model with the least (weighted) error"
     def __init__(self, params:float|None=None, # fraction of the whole model's parameters to keep
                  macs:float|None=None,      # fraction of the whole model's multiply-adds to keep (needs `sample=`)
-                 round_to:int=1,            # ranks are multiples of it (ROUND_TO, 8: the channel block of vector kernels)
+                 round_to:int|None=None,    # ranks are multiples of it; None: of 8 (the channel block of vector kernels) in layers of
+                                            # 64 channels or more, any rank in smaller ones or where that cannot meet the budget
                  alloc:str='greedy',        # 'greedy': least Σ weighted error; 'minmax': least largest weighted error (ALDS)
                  calib=None,                # a `Calibration`: each layer's errors are its output errors on its data; the plan is checked
                  sample=None,               # a batch (or its shape) to count the whole model's MACs with
@@ -387,7 +389,7 @@ class Budget(ModelBudget):
         (by,keep), = given.items()
         what = 'parameters' if by=='params' else 'multiply-adds'
         self.by,self.keep = by,check_number(keep, by, f"the fraction of the whole model's {what} to keep, e.g. {by}=0.5", lo=0, hi=1, ends='(]')
-        round_to = _round(round_to)
+        round_to = None if round_to is None else _round(round_to)
         res = check_number(res, 'res', 'a positive int: at most this many ranks per Tucker mode, e.g. res=64', lo=1, integer=True)
         if alloc not in ('greedy','minmax'): raise ValueError(f"unknown alloc={alloc!r}; pass 'greedy' or 'minmax'")
         _check_calib(calib)
@@ -398,9 +400,9 @@ class Budget(ModelBudget):
         if speed is not None and not isinstance(speed, SpeedModel):
             raise TypeError(f"speed={speed!r}; pass a SpeedModel (e.g. SpeedModel(batch=1), or latency's measured_speed()), 'model' (the default) or None (no check)")
         store_attr('round_to,alloc,calib,sample,weights,res,speed')
-        self.report,self.achieved,self.checked,self.slowed,self.unchecked,self._slow = None,None,None,False,[],{}
+        self.report,self.achieved,self.checked,self.slowed,self.unchecked,self._slow,self.aligned = None,None,None,False,[],{},None
 
-    def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to>1 else '') + ')'
+    def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to is not None else '') + ')'
 
 # %% ../nbs/04_ranks.ipynb #d1e5cf37
 def model_totals(model:nn.Module, cands:list, curves:list[Curve], by:str, sample=None)->tuple[float,float]:
@@ -450,7 +452,11 @@ def _check(self:Budget, model:nn.Module, curves:list[Curve], pick:list, limit:fl
 def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tuple:
     """(curves, the model's cost, the cost outside them, {layer: note}): without the options `speed` models slower than their layer, unless
     the budget cannot be met then (a warning says so, the report marks them)"""
-    every = layer_curves(candidates, self.round_to, self.res, _prepare(calib, model, candidates))
+    prep = _prepare(calib, model, candidates)
+    least = lambda cs: (lambda t,f: (f + sum(c.cost(self.by).min() for c in cs))/t)(*model_totals(model, candidates, cs, self.by, sample))
+    every = layer_curves(candidates, self.round_to, self.res, prep)
+    self.aligned = None if self.round_to is not None else bool(least(every) <= self.keep)   # (False: the default's aligned ranks cannot
+    if self.aligned is False: every = layer_curves(candidates, 1, self.res, prep)             #  meet the budget: any rank)
     fast,slow,self._slow = fast_curves(every, candidates, self.speed)
     self.unchecked = [n for n,s in self._slow.items() if s is None]
     total,fixed = model_totals(model, candidates, fast, self.by, sample)
@@ -485,7 +491,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
 @patch
 def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd.DataFrame:
     "The plan's table: a row per candidate, its option, costs, error and why it stays"
-    none = 'no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if self.round_to > 1 else '')
+    none = 'no rank is cheaper than the layer' + (f' (multiples of {self.round_to})' if (self.round_to or 1) > 1 else '')
     empty = dict(rank=None, params=None, params_after=None, macs=None, macs_after=None, error=None, weight=None)
     rows = {n: dict(layer=n, method=m, **empty, note=slow.get(n, none)) for n,_,m,_ in split_attention(candidates)[0]}   # (an attention: a row a projection)
     for c,j in zip(curves, pick):

@@ -71,7 +71,7 @@ def test_second_stage_plans_only_what_is_left():
     convs = Conv_Decomposer().decompose(net, 'tucker', keep=0.5, quiet=True)
     cands = candidates(convs, 'tucker', head=True)
     assert {n for n,*_ in cands} == {'12', '14'}, [n for n,*_ in cands]   # the Linears: not the factors, not the depthwise conv
-    b = Budget(params=0.5)
+    b = Budget(params=0.5, round_to=1)   # (any rank: the 2% below is the allocation's precision on two small Linears)
     plan = b.plan(convs, head=True)
     assert set(plan) <= {'12', '14'} and 0.98*0.5 <= b.achieved <= 0.5, (plan, b.achieved)
 

@@ -187,7 +187,26 @@ def test_aligned_ranks_keep_onnxruntimes_layout():
     reorders = lambda **kw: ort_reorders(decompose_model(net, quiet=True, **kw)[0], x)
     dense = ort_reorders(fold_bn(net), x)
     assert dense <= 2, f"the dense resnet18 has {dense} reorders: onnxruntime does not use NCHWc here"
-    for kw in (dict(keep=0.5), dict(method='svd', keep=0.3), dict(energy=0.5), dict(rank=Budget(params=0.5, round_to=8))):   # (percent_removed=: the stem's
+    for kw in (dict(keep=0.5), dict(method='svd', keep=0.3), dict(energy=0.5), dict(rank=Budget(params=0.5)), dict(rank=Budget(params=0.3, round_to=8))):   # (percent_removed=: the stem's
         # 3 input channels get rank 1 or 2, below one block, which stays: a reorder)
         assert reorders(**kw) == dense, f"{kw}: {reorders(**kw)} reorders, the dense model {dense}"
     assert reorders(keep=0.5, round_to=1) > dense + 10, "exact ranks: a reorder pair around each unaligned factor chain"
+
+def test_budget_aligns_where_it_can():
+    "Budget's default: ranks in multiples of 8 in layers of 64 channels or more; any rank where aligned ones cannot meet the budget (.aligned says which)"
+    from fasterai_lr.factorize import rank_step
+    net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 96, 3), nn.ReLU(), nn.Conv2d(96, 16, 3), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.randn(1, 3, 12, 12))
+    b = Budget(params=0.3, speed=None)
+    _,rep = decompose_model(net, 'tucker', rank=b, quiet=True)
+    mods = dict(net.named_modules())
+    done = rep[rep.method.notna()]
+    assert b.aligned and len(done) >= 2, rep
+    for n,r in zip(done.layer, done['rank']):
+        full = layer_full_ranks(mods[n])['tucker']
+        assert all(a==f or a % rank_step(f)==0 for a,f in zip(r, full)), (n, r, full)
+    tight = Budget(params=0.12, speed=None)
+    decompose_model(net, 'tucker', rank=tight, quiet=True)
+    assert tight.aligned is False and tight.achieved <= 0.12, (tight.aligned, tight.achieved)
+    with pytest.raises(ValueError, match='cannot be met'): decompose_model(net, 'tucker', rank=Budget(params=0.12, round_to=8, speed=None), quiet=True)
+    assert Budget(params=0.3, round_to=1).aligned is None
