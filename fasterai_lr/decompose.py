@@ -478,11 +478,11 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
     if isinstance(rank, dict): rank = first_names(rank, model); _check_rank_dict(rank, dict(model.named_modules()))
     if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
-    opt,v,round_to = *(('plan', None) if per_layer else rank_option(**opts)),_round(round_to)
+    opt,v = ('plan', None) if per_layer else rank_option(**opts)
     if opt=='energy' and method=='cp': raise ValueError(NOT_CP)
     _check_quantized(model, kinds)
     return SimpleNamespace(kinds=kinds, method=method, methods=methods, layers=layers, exclude=exclude, rank=rank, calib=calib,
-                           opt=opt, v=v, round_to=round_to)
+                           opt=opt, v=v, round_to=_round(round_to))
 
 # %% ../nbs/03_decompose.ipynb #6f1e2a02
 def _all_done(new, todo, out, w)->bool:

@@ -27,7 +27,7 @@ def _search_space(model, method, sample, by, fractions, calib, round_to, res):
     cands = candidates(model, method, sample)
     curves = layer_curves(cands, round_to, res, _prepare(calib, model, cands))
     total,fixed = model_totals(model, cands, curves, by, sample)
-    least = (fixed + sum(c.cost(by).min() for c in curves))/total
+    least = least_share(total, fixed, curves, by)
     lo,hi = max(fractions[0], least*1.001), fractions[1]
     if lo >= hi: raise ValueError(f"fractions={fractions} is out of reach: the layers cannot go below {least:.1%} of the {by}")
     return curves, total, fixed, (lo, hi)

@@ -122,8 +122,9 @@ def _runtime(runtime:str)->str:
     return runtime
 
 class OrtRunner:
-    "`model` exported to ONNX (TorchScript's exporter, the batch dimension free) and run by onnxruntime on the CPU, called like the model"
-    def __init__(self, model:nn.Module, x:Tensor, threads:int|None=None):
+    """`model` exported to ONNX (TorchScript's exporter, the batch dimension free) and run by onnxruntime on the CPU, called like the model;
+    `optimized`: a path to write the graph onnxruntime optimized it to"""
+    def __init__(self, model:nn.Module, x:Tensor, threads:int|None=None, optimized:str|None=None):
         import onnxruntime as ort, tempfile
         self.path = Path(tempfile.mkdtemp())/'model.onnx'
         with evaluating(model), warnings.catch_warnings():
@@ -132,6 +133,7 @@ class OrtRunner:
                               dynamic_axes={'x': {0: 'batch'}, 'y': {0: 'batch'}})
         o = ort.SessionOptions()
         o.intra_op_num_threads,o.inter_op_num_threads = threads or torch.get_num_threads(), 1
+        if optimized: o.optimized_model_filepath,o.log_severity_level = str(optimized),3   # (3: no warning that the file is this CPU's)
         self.session = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
     def __call__(self, x:Tensor): return self.session.run(None, {'x': x.detach().contiguous().cpu().numpy()})[0]
 
@@ -160,12 +162,10 @@ def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[t
 def ort_reorders(model:nn.Module, x:Tensor)->int:
     """Layout conversions (`ReorderInput`/`ReorderOutput` nodes) in the graph onnxruntime optimizes `model` to on this CPU: each copies an
     activation in or out of the blocked NCHWc layout, which convs with channels off the block (8 on AVX2, 16 on AVX-512) cannot use"""
-    import onnx, onnxruntime as ort
-    r = OrtRunner(model, x, 1)
-    o = ort.SessionOptions()
-    o.optimized_model_filepath,o.log_severity_level = str(r.path.with_name('optimized.onnx')),3
-    ort.InferenceSession(str(r.path), o, providers=['CPUExecutionProvider'])
-    return sum(n.op_type.startswith('Reorder') for n in onnx.load(o.optimized_model_filepath).graph.node)
+    import onnx, tempfile
+    path = Path(tempfile.mkdtemp())/'optimized.onnx'
+    OrtRunner(model, x, 1, optimized=path)
+    return sum(n.op_type.startswith('Reorder') for n in onnx.load(str(path)).graph.node)
 
 # %% ../nbs/07_latency.ipynb #a9d6f66e
 def _shapes(model, cands, sample):

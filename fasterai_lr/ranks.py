@@ -20,7 +20,7 @@ from .decompose import _check_calib, _plan_rank, _round
 # %% auto #0
 __all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
            'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'SpeedModel', 'slow_options',
-           'fast_curves', 'Budget', 'model_totals', 'candidates']
+           'fast_curves', 'Budget', 'model_total', 'model_totals', 'least_share', 'candidates']
 
 # %% ../nbs/04_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -405,14 +405,24 @@ class Budget(ModelBudget):
     def __repr__(self): return f"Budget({self.by}={self.keep}" + (f", round_to={self.round_to}" if self.round_to is not None else '') + ')'
 
 # %% ../nbs/04_ranks.ipynb #d1e5cf37
+def model_total(model:nn.Module, cands:list, by:str, sample=None)->float:
+    "The cost of the whole model in `by`: parameters, or MACs per sample"
+    if by=='params': return n_params(model)
+    if any(s is None for *_,s in cands): raise ValueError("a MAC budget needs the layers' input sizes; pass sample= (a batch or its shape) to decompose or .plan")
+    return model_macs(model, sample) if sample is not None else sum(layer_costs(l, shapes=s)[1] for _,l,_,s in cands)
+
+def _uncovered(total:float, curves:list[Curve], by:str)->float:
+    "The cost of what the `curves` do not cover, of a model that costs `total`"
+    return max(0, total - sum(c.cost(by)[-1] for c in curves))
+
 def model_totals(model:nn.Module, cands:list, curves:list[Curve], by:str, sample=None)->tuple[float,float]:
     "(cost of the whole model, cost of what the `curves` do not cover) in `by`: parameters, or MACs per sample"
-    if by=='params':
-        total = n_params(model)
-        return total, total - sum(c.params[-1] for c in curves)
-    if any(s is None for *_,s in cands): raise ValueError("a MAC budget needs the layers' input sizes; pass sample= (a batch or its shape) to decompose or .plan")
-    total = model_macs(model, sample) if sample is not None else sum(layer_costs(l, shapes=s)[1] for _,l,_,s in cands)
-    return total, max(0, total - sum(c.macs[-1] for c in curves))
+    total = model_total(model, cands, by, sample)
+    return total, _uncovered(total, curves, by)
+
+def least_share(total:float, fixed:float, curves:list[Curve], by:str)->float:
+    "The least share of `total` a plan can cost: the `fixed` part, and every curve at its cheapest option"
+    return (fixed + sum(c.cost(by).min() for c in curves))/total
 
 def _weigh(curves, weights):
     for c in curves:
@@ -452,20 +462,19 @@ def _check(self:Budget, model:nn.Module, curves:list[Curve], pick:list, limit:fl
 def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tuple:
     """(curves, the model's cost, the cost outside them, {layer: note}): without the options `speed` models slower than their layer, unless
     the budget cannot be met then (a warning says so, the report marks them)"""
-    prep = _prepare(calib, model, candidates)
-    least = lambda cs: (lambda t,f: (f + sum(c.cost(self.by).min() for c in cs))/t)(*model_totals(model, candidates, cs, self.by, sample))
+    total,prep = model_total(model, candidates, self.by, sample),_prepare(calib, model, candidates)
+    least = lambda cs: least_share(total, _uncovered(total, cs, self.by), cs, self.by)
     every = layer_curves(candidates, self.round_to, self.res, prep)
     self.aligned = None if self.round_to is not None else bool(least(every) <= self.keep)   # (False: the default's aligned ranks cannot
     if self.aligned is False: every = layer_curves(candidates, 1, self.res, prep)             #  meet the budget: any rank)
     fast,slow,self._slow = fast_curves(every, candidates, self.speed)
     self.unchecked = [n for n,s in self._slow.items() if s is None]
-    total,fixed = model_totals(model, candidates, fast, self.by, sample)
-    least = (fixed + sum(c.cost(self.by).min() for c in fast))/total
-    self.slowed = fast is not every and least > self.keep
-    if not self.slowed: return fast, total, fixed, slow
-    warnings.warn(f"{self!r} takes factorizations modelled slower than their layers: with only faster ones the model keeps at least {least:.1%} of "
-                  f"its {self.by}; the report's note marks them. Pass {self.by}={math.ceil(least*100)/100} or more to keep every layer fast, or speed=None")
-    return every, *model_totals(model, candidates, every, self.by, sample), {}
+    low = least(fast)
+    self.slowed = fast is not every and low > self.keep
+    if not self.slowed: return fast, total, _uncovered(total, fast, self.by), slow
+    warnings.warn(f"{self!r} takes factorizations modelled slower than their layers: with only faster ones the model keeps at least {low:.1%} of "
+                  f"its {self.by}; the report's note marks them. Pass {self.by}={math.ceil(low*100)/100} or more to keep every layer fast, or speed=None")
+    return every, total, _uncovered(total, every, self.by), {}
 
 @patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
@@ -477,7 +486,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
         raise ValueError(f"weights= names {bad[0]!r}, which is not a module of the model; pass names as in model.named_modules(), e.g. {[n for n,*_ in candidates][:3]}")
     curves,total,fixed,slow = self._guarded(model, candidates, sample, calib)
     _weigh(curves, self.weights)
-    least = (fixed + sum(c.cost(self.by).min() for c in curves))/total
+    least = least_share(total, fixed, curves, self.by)
     if least > self.keep: raise ValueError(f"{self!r} cannot be met: with every decomposable layer at its smallest rank the model keeps {least:.1%} of its {self.by}; "
                                            f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
     limit = self.keep*total - fixed

@@ -209,4 +209,33 @@ def test_budget_aligns_where_it_can():
     decompose_model(net, 'tucker', rank=tight, quiet=True)
     assert tight.aligned is False and tight.achieved <= 0.12, (tight.aligned, tight.achieved)
     with pytest.raises(ValueError, match='cannot be met'): decompose_model(net, 'tucker', rank=Budget(params=0.12, round_to=8, speed=None), quiet=True)
-    assert Budget(params=0.3, round_to=1).aligned is None
+    given = Budget(params=0.3, round_to=1, speed=None)
+    decompose_model(net, 'tucker', rank=given, quiet=True)
+    assert given.aligned is None, "an explicit round_to is taken as it is"
+
+@pytest.mark.parametrize('rule', ['keep', 'budget'])
+def test_aligned_through_the_callback_on_a_trained_model(rule):
+    "Trained digits CNN, then DecomposeCallback (keep=0.5, or a Budget with calib=True) and fine-tuning: aligned ranks, no new reorder, accuracy kept"
+    import copy
+    from fastai.torch_core import set_seed
+    from fasterai_lr.cli import digits_learner, digits_dls
+    from fasterai_lr.factorize import rank_step, ROUND_TO
+    from fasterai_lr.latency import ort_reorders
+    set_seed(0)
+    learn = digits_learner(digits_dls(bs=64), c=32)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(4, 3e-3)
+        dense_acc = float(learn.validate()[1])
+        x, trained = learn.dls.one_batch()[0][:1].cpu(), copy.deepcopy(learn.model).cpu()
+        cb = DecomposeCallback(start_epoch=1, verbose=False, **(dict(keep=0.5) if rule=='keep' else dict(rank=Budget(params=0.4), calib=True)))
+        learn.fit_one_cycle(3, 1e-3, cbs=cb)
+        acc = float(learn.validate()[1])
+    mods,step = dict(trained.named_modules()),(lambda f: ROUND_TO) if rule=='keep' else rank_step
+    done = cb.report[cb.report.method.notna()]
+    assert len(done) >= 2, cb.report
+    for n,m,r in zip(done.layer, done.method, done['rank']):
+        full = layer_full_ranks(mods[n])[m]
+        for a,f in zip(*((r, full) if isinstance(r, tuple) else ((r,), (full,)))):
+            assert a==f or a < ROUND_TO or a % step(f)==0, f"{rule}: {n} rank {r}, full {full}"
+    assert ort_reorders(learn.model.cpu(), x) == ort_reorders(trained, x), "the decomposed model leaves onnxruntime's blocked layout"
+    assert acc >= dense_acc - 0.03, f"{rule}: {acc:.3f} after fine-tuning, dense {dense_acc:.3f}"
