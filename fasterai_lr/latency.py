@@ -405,7 +405,7 @@ class LatencyBudget(ModelBudget):
                  baseline:str='given',         # 'given': a fraction of the model as it came; 'as_run': of the dense one, same rewrites
                  fold:bool=True,               # time models with their BatchNorms folded, as `optimize` runs them
                  check:bool=True,              # time the planned model and tighten until it meets the budget
-                 rounds:int=3,                 # at most this many plans timed, each corrected by what the last one missed
+                 rounds:int=3,                 # at most this many plans timed, each corrected by what the last one missed or had to spare
                  alloc:str='greedy',           # 'greedy' (least total error) or 'minmax' (least largest error), as in `ranks.allocate`
                  sample=None,                  # a batch (or its shape), when `plan`/`decompose` is not given one
                  timer:Callable|None=None, cache:LatencyCache|None=None, memory_format=torch.channels_last,
@@ -457,21 +457,25 @@ def _baseline(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor)->Simpl
 
 def _allocate(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor, b:SimpleNamespace, limit:float, least:float):
     """The allocation for `limit` (in the layers' own timings); with `check`, each plan is timed for up to `rounds` rounds: a plan that
-    misses tightens the limit by what it missed, one far under the budget (an overshoot) loosens it halfway back; the loosest plan that
-    meets the budget is kept"""
-    met,missed = None,None   # (limit, pick, plan, achieved, estimate) of the loosest plan that met the budget; the tightest limit that missed
+    misses tightens the limit by what it missed, one far under the budget (an overshoot) loosens it by its slack, at most halfway back to
+    the tightest limit that missed; the loosest plan that meets the budget is kept"""
+    met,missed,timed = None,None,{}   # (limit, pick, plan, achieved, estimate) of the loosest plan that met the budget; the tightest limit
+                                      # that missed; {pick: (its measured share, the baseline's seconds)}
     for _ in range(max(1, self.rounds)):
         limit = max(limit, least)
         pick = allocate(curves, limit, 'latency', self.alloc)
         plan = curve_plan(curves, pick, bare=True)
         self.estimate = self.achieved = (b.fixed + b.s*sum(c.latency[j] for c,j in zip(curves, pick)))/b.T0
         if not self.check: return pick, plan
-        t_base,t_plan = self.timer.timer([b.base, b.as_run(planned(model, plan))], x)
-        self.achieved = t_plan/t_base
+        if (key := tuple(pick)) not in timed:                           # (a plan seen before is not timed again)
+            t_base,t_plan = self.timer.timer([b.base, b.as_run(planned(model, plan))], x)
+            timed[key] = t_plan/t_base, t_base
+        self.achieved,t_base = timed[key]
         if self.achieved <= self.keep:
             if met is None or limit > met[0]: met = (limit, pick, plan, self.achieved, self.estimate)
-            if missed is None or self.achieved >= 0.95*self.keep: break   # close enough, or nothing looser is known to miss
-            limit = (limit + missed)/2
+            if self.achieved >= 0.95*self.keep: break                      # close enough
+            looser = limit + (self.keep - self.achieved)*t_base/b.s       # the layers' share, raised by the measured slack
+            limit = looser if missed is None else min(looser, (limit + missed)/2)
         else:
             if limit <= least: break
             missed = limit if missed is None else min(missed, limit)
