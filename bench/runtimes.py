@@ -10,12 +10,13 @@ decomposition's own. Variants, per model and batch:
     latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
               eager PyTorch, with the least error; then `optimize`
     aware-ort, latency-ort: LatencyAware(keep=0.5) / LatencyBudget(keep=0.5) timed in onnxruntime (`runtime_timer`): each layer's
-              method and rank chosen by the time it takes there
+              method and rank chosen by the time it takes there; aware-compile, latency-compile: the same timed in `compile_model`
     params=0.5  Budget(params=0.5) with its speed guard (the default)
     params=p, macs=p (digits only, --budgets): Budget(params=p) / Budget(macs=p), whose speed guard (on by default) leaves a layer
               whose factorization is modelled slower than it; 'p no guard' with speed=None
 Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
-compile is `torch.compile(model)` (inductor; --freezing sets inductor's freezing, weights packed for mkldnn); onnxruntime runs the
+compile is `compile_model` (inductor with COMPILE_OPTIONS: frozen weights packed for oneDNN, 1×1 convs as GEMMs; channels_last
+weights), or with --compile freezing only inductor's freezing, --compile plain `torch.compile(model)` as it comes; onnxruntime runs the
 TorchScript export with all graph optimizations, `--threads` intra-op threads. Every variant of one model, batch and runtime is
 timed in one `time_calls` (rotating order, median of --reps rounds), so their ratios share the machine's state.
 Columns: ms per batch, speed-up = dense ms / variant ms, MAC ratio = dense MACs / variant MACs, their quotient (1.0: every MAC saved
@@ -23,7 +24,7 @@ is time saved). The digits CNN (sklearn's 8×8 digits, trained here in seconds) 
 random weights (timing does not depend on the values).
 
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
-                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--freezing] [--out bench/out/runtimes.txt]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile tuned|freezing|plain] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
 import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
@@ -34,7 +35,7 @@ from speed import build
 from budgets import digits_data, digits_cnn, train
 from fasterai_lr.decompose import decompose_model
 from fasterai_lr.ranks import Budget, model_macs, n_params
-from fasterai_lr.latency import LatencyAware, LatencyBudget, fold_bn, optimize, fastest_format, in_format, in_runtime, runtime_timer, time_calls
+from fasterai_lr.latency import COMPILE_OPTIONS, compile_model, LatencyAware, LatencyBudget, fold_bn, optimize, fastest_format, in_format, in_runtime, runtime_timer, time_calls
 
 RUNTIMES = ['eager', 'compile', 'ort']
 
@@ -62,13 +63,14 @@ def variants(name, model, sample, batch, a)->dict:
         m, note = dec(rank=lb)
         return m, f"{note}; planned at {lb.achieved:.2f} of the folded dense latency"
     if 'latency' in a.variants: add('latency', latency)
-    def ort_rule(kind):
-        t = runtime_timer('onnxruntime', a.threads, reps=3)
+    def timed_rule(kind, runtime):
+        t = runtime_timer(runtime, a.threads, reps=3)
         rule = LatencyAware(keep=0.5, batch=batch, timer=t) if kind=='aware' else LatencyBudget(keep=0.5, batch=batch, baseline='as_run', timer=t)
         m, note = dec(rank=rule)
-        return m, note + ('' if kind=='aware' else f"; planned at {rule.achieved:.2f} of the folded dense latency in onnxruntime")
+        return m, note + ('' if kind=='aware' else f"; planned at {rule.achieved:.2f} of the folded dense latency in {runtime}")
     for kind in ('aware', 'latency'):
-        if f'{kind}-ort' in a.variants: add(f'{kind}-ort', lambda kind=kind: ort_rule(kind))
+        for short,runtime in (('ort', 'onnxruntime'), ('compile', 'compile')):
+            if f'{kind}-{short}' in a.variants: add(f'{kind}-{short}', lambda kind=kind, runtime=runtime: timed_rule(kind, runtime))
     if 'params=0.5' in a.variants and name!='digits': add('params=0.5', lambda: dec(rank=Budget(params=0.5, sample=sample)))
     if name=='digits':
         for p in a.budgets:
@@ -83,10 +85,9 @@ def runners(mods:dict, x, runtime:str, a)->dict:
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
         return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, fmt
     if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, None
-    import torch._inductor.config as ic
-    ic.freezing = a.freezing
+    opts = dict(tuned=COMPILE_OPTIONS, freezing={'freezing': True}, plain=None)[a.compile]
     out = {}
-    for v,m in mods.items(): torch._dynamo.reset(); out[v] = in_runtime(copy.deepcopy(m), x, 'compile')
+    for v,m in mods.items(): torch._dynamo.reset(); out[v] = compile_model(m, x, opts, torch.channels_last if a.compile=='tuned' else None)
     return out, None
 
 def rows_for(name, batch, a, say)->list:
@@ -146,7 +147,8 @@ def main(argv=None):
     p.add_argument('--batches', default='1,64'); p.add_argument('--runtimes', default=','.join(RUNTIMES))
     p.add_argument('--variants', default='keep=0.5,keep=0.5 exact,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
-    p.add_argument('--size', type=int, default=224); p.add_argument('--freezing', action='store_true')
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--compile', default='tuned', choices=['tuned', 'freezing', 'plain'])
     p.add_argument('--out', default='bench/out/runtimes.txt')
     a = p.parse_args(argv)
     a.runtimes, a.variants, a.budgets = a.runtimes.split(','), a.variants.split(','), [float(b) for b in a.budgets.split(',') if b]
@@ -158,7 +160,7 @@ def main(argv=None):
     up = lambda: subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     say(f"bench/runtimes.py {' '.join(argv or sys.argv[1:])}")
     say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
-        f"input {a.size}×{a.size}; inductor freezing {a.freezing}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
+        f"input {a.size}×{a.size}; compile {a.compile}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
     say(f"uptime before: {up()}"); say(head(a.runtimes))
     rows, t0 = [], time.perf_counter()
     for name in a.models.split(','):

@@ -22,10 +22,10 @@ from .decompose import _round
 from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan, _prepare
 
 # %% auto #0
-__all__ = ['LATENCIES', 'RUNTIMES', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner', 'in_runtime',
-           'runtime_timer', 'keep_options', 'ort_reorders', 'LatencyAware', 'choose', 'linked', 'fold_bn',
-           'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget', 'measured_speed', 'roofline',
-           'plot_roofline']
+__all__ = ['LATENCIES', 'RUNTIMES', 'COMPILE_OPTIONS', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner',
+           'compile_model', 'in_runtime', 'runtime_timer', 'keep_options', 'ort_reorders', 'LatencyAware', 'choose',
+           'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget',
+           'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -137,14 +137,27 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
     def __call__(self, x:Tensor): return self.session.run(None, {'x': x.detach().contiguous().cpu().numpy()})[0]
 
+COMPILE_OPTIONS = {'freezing': True, 'conv_1x1_as_mm': True}   # inductor for inference: weights frozen as constants (packed for oneDNN on
+                                                               # the CPU), and 1×1 convs (every Tucker and SVD factor) as GEMMs
+
+def compile_model(model:nn.Module, x:Tensor, options:dict|None=COMPILE_OPTIONS, # {inductor config key: value}; None: inductor's defaults
+                  memory_format=torch.channels_last): # the weights' memory format (None: as they are); inputs may come in either
+    """A copy of `model` in `memory_format`, `torch.compile`d for inference with inductor's config patched by `options` (any recompile too:
+    `freezing` is read outside `torch.compile(options=)`), compiled on `x`; called like the model"""
+    import torch._inductor.config as inductor
+    if options is not None and not isinstance(options, dict): raise TypeError(f"options={options!r}: pass a dict of inductor settings, e.g. COMPILE_OPTIONS, or None")
+    model = copy.deepcopy(model).eval()
+    compiled = torch.compile(in_format(model, memory_format) if memory_format else model)
+    def run(*args, **kwargs):
+        with inductor.patch(options or {}), torch.inference_mode(): return compiled(*args, **kwargs)
+    run(x)   # (compiles now: a timing after it does not count the compile)
+    return run
+
 def in_runtime(model:nn.Module, x:Tensor, runtime:str='eager', threads:int|None=None):
-    """`model` as `runtime` runs it, called like the model: itself ('eager'), `torch.compile`d ('compile': compiled here, on `x`'s shape)
-    or an `OrtRunner` ('onnxruntime')"""
+    """`model` as `runtime` runs it, called like the model: itself ('eager'), `compile_model` ('compile': compiled here, on `x`'s shape,
+    with `COMPILE_OPTIONS` in channels_last) or an `OrtRunner` ('onnxruntime')"""
     if _runtime(runtime)=='onnxruntime': return OrtRunner(model, x, threads)
-    if runtime=='eager': return model
-    compiled = torch.compile(model)
-    with torch.inference_mode(): compiled(x)   # (the compile is not timed)
-    return compiled
+    return model if runtime=='eager' else compile_model(model, x)
 
 def runtime_timer(runtime:str='onnxruntime', threads:int|None=None, reps:int=5)->Callable:
     "A timer for `LayerTimer` (`LatencyAware`, `LatencyBudget`): seconds per call of each module run in `runtime`, side by side"

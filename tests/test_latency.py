@@ -344,6 +344,18 @@ def test_compile_inductor_decomposed_model():
     c = torch.compile(m)
     with torch.no_grad(): assert torch.allclose(c(x), m(x), atol=1e-4)
 
+def test_compile_model_tuned_for_inference():
+    "compile_model (inductor, frozen weights, 1×1 convs as GEMMs, channels_last) matches eager on a Tucker-decomposed conv, for either input format, and leaves the model as it was"
+    m = optimize(decompose_model(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1)), 'tucker', rank=(8, 8), quiet=True)[0],
+                 memory_format=torch.contiguous_format)
+    x = torch.randn(2, 16, 8, 8); torch._dynamo.reset()
+    c = compile_model(m, x)
+    with torch.inference_mode():
+        for xi in (x, x.to(memory_format=torch.channels_last)): assert torch.allclose(c(xi), m(xi), atol=1e-4)
+    assert all(p.is_contiguous() for p in m.parameters()), "the caller's model keeps its memory format"
+    assert in_runtime(m, x, 'compile')(x).shape == (2, 32, 8, 8)
+    with pytest.raises(TypeError, match='dict of inductor settings'): compile_model(m, x, options='freezing')
+
 def test_latency_budget_with_layers_timed_slow_alone():
     "Layers timed alone may add up to more than the model that holds them (load drift, per-call overhead): the budget scales them to the model's total rather than give up"
     def drift(mods, x): return [t*(4 if isinstance(m, (nn.Conv2d, nn.Linear, Factorized)) else 1) for m,t in zip(mods, mac_timer(mods, x))]
