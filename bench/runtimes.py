@@ -15,8 +15,9 @@ decomposition's own. Variants, per model and batch:
     params=p, macs=p (digits only, --budgets): Budget(params=p) / Budget(macs=p), whose speed guard (on by default) leaves a layer
               whose factorization is modelled slower than it; 'p no guard' with speed=None
 Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
-compile is `compile_model` (inductor with COMPILE_OPTIONS: frozen weights packed for oneDNN, 1×1 convs as GEMMs; channels_last
-weights), or with --compile freezing only inductor's freezing, --compile plain `torch.compile(model)` as it comes; onnxruntime runs the
+compile is `compile_model` in channels_last, each model with COMPILE_OPTIONS (frozen weights packed for oneDNN, 1×1 convs as GEMMs)
+or inductor's defaults, whichever it runs faster (the line before the table says which); --compile tuned: COMPILE_OPTIONS only,
+--compile freezing: only inductor's freezing, --compile plain: `torch.compile(model)` as it comes; onnxruntime runs the
 TorchScript export with all graph optimizations, `--threads` intra-op threads. Every variant of one model, batch and runtime is
 timed in one `time_calls` (rotating order, median of --reps rounds), so their ratios share the machine's state.
 Columns: ms per batch, speed-up = dense ms / variant ms, MAC ratio = dense MACs / variant MACs, their quotient (1.0: every MAC saved
@@ -24,7 +25,7 @@ is time saved). The digits CNN (sklearn's 8×8 digits, trained here in seconds) 
 random weights (timing does not depend on the values).
 
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
-                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile tuned|freezing|plain] [--out bench/out/runtimes.txt]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|freezing|plain] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
 import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
@@ -85,10 +86,9 @@ def runners(mods:dict, x, runtime:str, a)->dict:
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
         return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, fmt
     if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, None
-    opts = dict(tuned=COMPILE_OPTIONS, freezing={'freezing': True}, plain=None)[a.compile]
-    out = {}
-    for v,m in mods.items(): torch._dynamo.reset(); out[v] = compile_model(m, x, opts, torch.channels_last if a.compile=='tuned' else None)
-    return out, None
+    opts = dict(fastest='fastest', tuned=COMPILE_OPTIONS, freezing={'freezing': True}, plain=None)[a.compile]
+    out = {v: compile_model(m, x, opts, torch.channels_last if a.compile in ('fastest', 'tuned') else None) for v,m in mods.items()}
+    return out, {v: 'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults' for v,r in out.items()}
 
 def rows_for(name, batch, a, say)->list:
     model, sample, data = digits_model() if name=='digits' else (*build(name), None)
@@ -109,13 +109,15 @@ def rows_for(name, batch, a, say)->list:
         t = time.perf_counter()
         try:
             run, fmt = runners(mods, x, rt, a)
-            ts = dict(zip(run, time_calls(list(run.values()), x, reps=a.reps, warmup=1, min_time=0 if batch > 1 else 5e-3)))
+            ts = dict(zip(run, time_calls(list(run.values()), x, reps=a.reps, warmup=1, min_time=0 if batch > 1 else 0.05)))
         except Exception as e:
             traceback.print_exc(); say(f"{name} {batch} {rt}: ERROR {type(e).__name__}: {str(e)[:300]}"); continue
         for r in rows:
             if r['variant'] in ts:
                 r[rt] = ts[r['variant']]*1e3; r[rt+'_x'] = ts['dense']/ts[r['variant']]
-        say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s" + (f" ({'channels_last' if fmt==torch.channels_last else 'NCHW'})" if fmt else ''))
+        how = (f" ({'channels_last' if fmt==torch.channels_last else 'NCHW'})" if isinstance(fmt, torch.memory_format) else
+               f" (inductor options: {', '.join(f'{v} {o}' for v,o in fmt.items())})" if fmt else '')
+        say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s{how}")
         del run; gc.collect()
     for r in rows: say(fmt_row(r, a.runtimes))
     return rows
@@ -148,7 +150,7 @@ def main(argv=None):
     p.add_argument('--variants', default='keep=0.5,keep=0.5 exact,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--size', type=int, default=224)
-    p.add_argument('--compile', default='tuned', choices=['tuned', 'freezing', 'plain'])
+    p.add_argument('--compile', default='fastest', choices=['fastest', 'tuned', 'freezing', 'plain'])
     p.add_argument('--out', default='bench/out/runtimes.txt')
     a = p.parse_args(argv)
     a.runtimes, a.variants, a.budgets = a.runtimes.split(','), a.variants.split(','), [float(b) for b in a.budgets.split(',') if b]

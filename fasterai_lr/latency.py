@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/latency.html.md"""
 
 # %% ../nbs/07_latency.ipynb #797a4c7f
 from __future__ import annotations
-import ast, copy, json, math, time, statistics, warnings, torch, numpy as np, pandas as pd
+import ast, copy, json, math, time, statistics, types, warnings, torch, numpy as np, pandas as pd
 from types import SimpleNamespace
 from functools import partial
 from pathlib import Path
@@ -140,22 +140,37 @@ class OrtRunner:
 COMPILE_OPTIONS = {'freezing': True, 'conv_1x1_as_mm': True}   # inductor for inference: weights frozen as constants (packed for oneDNN on
                                                                # the CPU), and 1×1 convs (every Tucker and SVD factor) as GEMMs
 
-def compile_model(model:nn.Module, x:Tensor, options:dict|None=COMPILE_OPTIONS, # {inductor config key: value}; None: inductor's defaults
-                  memory_format=torch.channels_last): # the weights' memory format (None: as they are); inputs may come in either
+def _own_call(model:nn.Module)->Callable:
+    """`model` called through a function with a code object of its own: dynamo keeps its compiled graphs on the code object they run
+    (8 at most), so models compiled through one shared function would crowd each other out and run eager past the 8th"""
+    f = lambda *args, **kwargs: model(*args, **kwargs)
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, None, f.__closure__)
+
+def compile_model(model:nn.Module, x:Tensor,
+                  options:dict|str|None='fastest', # {inductor config key: value}; None: inductor's defaults; 'fastest': COMPILE_OPTIONS or None, the faster on `x`
+                  memory_format=torch.channels_last, # the weights' memory format (None: as they are); inputs may come in either
+                  reps:int=3):                       # interleaved rounds that time the two, for 'fastest'
     """A copy of `model` in `memory_format`, `torch.compile`d for inference with inductor's config patched by `options` (any recompile too:
-    `freezing` is read outside `torch.compile(options=)`), compiled on `x`; called like the model"""
+    `freezing` is read outside `torch.compile(options=)`), compiled on `x`; called like the model, its `.options` what it was compiled with"""
+    if options=='fastest':
+        runs = [compile_model(model, x, o, memory_format) for o in (COMPILE_OPTIONS, None)]
+        return runs[int(np.argmin(time_calls(runs, x, reps=reps, warmup=1)))]
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options={options!r}: pass a dict of inductor settings (e.g. COMPILE_OPTIONS), None (inductor's defaults) or 'fastest'")
     import torch._inductor.config as inductor
-    if options is not None and not isinstance(options, dict): raise TypeError(f"options={options!r}: pass a dict of inductor settings, e.g. COMPILE_OPTIONS, or None")
     model = copy.deepcopy(model).eval()
-    compiled = torch.compile(in_format(model, memory_format) if memory_format else model)
+    # static shapes: dynamo's automatic dynamic shapes key on a function's name, and would compile the second shape through
+    # `_own_call` dynamic (inductor's frozen oneDNN convs then fail a stride check)
+    compiled = torch.compile(_own_call(in_format(model, memory_format) if memory_format else model), dynamic=False)
     def run(*args, **kwargs):
         with inductor.patch(options or {}), torch.inference_mode(): return compiled(*args, **kwargs)
     run(x)   # (compiles now: a timing after it does not count the compile)
+    run.options = options
     return run
 
 def in_runtime(model:nn.Module, x:Tensor, runtime:str='eager', threads:int|None=None):
     """`model` as `runtime` runs it, called like the model: itself ('eager'), `compile_model` ('compile': compiled here, on `x`'s shape,
-    with `COMPILE_OPTIONS` in channels_last) or an `OrtRunner` ('onnxruntime')"""
+    in channels_last, with `COMPILE_OPTIONS` or inductor's defaults, whichever runs `x` faster) or an `OrtRunner` ('onnxruntime')"""
     if _runtime(runtime)=='onnxruntime': return OrtRunner(model, x, threads)
     return model if runtime=='eager' else compile_model(model, x)
 
@@ -524,16 +539,20 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     return plan
 
 # %% ../nbs/07_latency.ipynb #3c9d1b70
-def measured_speed(batch:int=1, device='cpu', n:int=1024, nbytes:float=64e6, reps:int=5)->SpeedModel:
+def measured_speed(batch:int=1, device='cpu',
+                   runtime:str='eager', # where the per-op overhead is measured: 'eager', 'compile' or 'onnxruntime' (CPU only), as `in_runtime` runs it
+                   n:int=1024, nbytes:float=64e6, reps:int=5)->SpeedModel:
     """A `SpeedModel` with this machine's figures on `device` at the current thread count: the FLOP/s of an n×n matmul, the bytes/s of a
-    copy of `nbytes` (64 MB: from memory, past the caches; 4 MB: what a cache gives), and the seconds of a call that does no work (a 1×1
-    conv on one value)"""
+    copy of `nbytes` (64 MB: from memory, past the caches; 4 MB: what a cache gives), and the seconds one more op costs in `runtime` (a
+    chain of nine 1×1 convs on one value against one)"""
     dev = torch.device(device)
+    if _runtime(runtime)=='onnxruntime' and dev.type!='cpu': raise ValueError(f"runtime='onnxruntime' runs on the CPU here: pass device='cpu', not {device!r}")
     a,b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     x = torch.randn(int(nbytes)//4, device=dev); y = torch.empty_like(x)
-    one,tiny = nn.Conv2d(1, 1, 1).to(dev).eval(), torch.randn(1, 1, 1, 1, device=dev)
-    t_mm,t_cp,t_op = time_calls([lambda _: a@b, lambda _: y.copy_(x), one], tiny, reps=reps, stat=min)   # peaks: the best round
-    return SpeedModel(flops=2*n**3/t_mm, bandwidth=2*x.numel()*4/t_cp, overhead=t_op, batch=batch)
+    tiny = torch.randn(1, 1, 1, 1, device=dev)
+    chain = lambda k: in_runtime(nn.Sequential(*[nn.Conv2d(1, 1, 1) for _ in range(k)]).to(dev).eval(), tiny, runtime)
+    t_mm,t_cp,t_1,t_9 = time_calls([lambda _: a@b, lambda _: y.copy_(x), chain(1), chain(9)], tiny, reps=reps, stat=min)   # peaks: the best round
+    return SpeedModel(flops=2*n**3/t_mm, bandwidth=2*x.numel()*4/t_cp, overhead=max((t_9-t_1)/8, 0.), batch=batch)
 
 def _leaf_inputs(model:nn.Module, x:Tensor)->dict:
     "{name: (layer, its input)} of every Linear and conv that runs in one forward of `x` (inside factor blocks too)"

@@ -349,12 +349,23 @@ def test_compile_model_tuned_for_inference():
     m = optimize(decompose_model(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1)), 'tucker', rank=(8, 8), quiet=True)[0],
                  memory_format=torch.contiguous_format)
     x = torch.randn(2, 16, 8, 8); torch._dynamo.reset()
-    c = compile_model(m, x)
+    c = compile_model(m, x, COMPILE_OPTIONS)
     with torch.inference_mode():
         for xi in (x, x.to(memory_format=torch.channels_last)): assert torch.allclose(c(xi), m(xi), atol=1e-4)
     assert all(p.is_contiguous() for p in m.parameters()), "the caller's model keeps its memory format"
-    assert in_runtime(m, x, 'compile')(x).shape == (2, 32, 8, 8)
+    fastest = in_runtime(m, x, 'compile')
+    assert fastest(x).shape == (2, 32, 8, 8) and fastest.options in (COMPILE_OPTIONS, None)
     with pytest.raises(TypeError, match='dict of inductor settings'): compile_model(m, x, options='freezing')
+
+def test_compiled_models_do_not_share_a_cache():
+    """Every compiled model gets dynamo's cache to itself (past 8 models through one shared function dynamo would give up and run them
+    eager), and its own static shapes (layers of one kind on inputs of different sizes, as a timer compiles them)"""
+    torch._dynamo.reset()
+    convs = [nn.Conv2d(4, 4+i, 3, stride=2, padding=1).eval() for i in range(10)]
+    xs = [torch.randn(2, 4, 6+i, 6+i).to(memory_format=torch.channels_last) for i in range(10)]
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):   # a second graph on one code object fails
+        runs = [compile_model(c, x, COMPILE_OPTIONS) for c,x in zip(convs, xs)]
+        with torch.inference_mode(): assert all(torch.allclose(r(x), c(x), atol=1e-5) for r,c,x in zip(runs, convs, xs))
 
 def test_latency_budget_with_layers_timed_slow_alone():
     "Layers timed alone may add up to more than the model that holds them (load drift, per-call overhead): the budget scales them to the model's total rather than give up"
