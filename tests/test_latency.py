@@ -196,17 +196,22 @@ def test_latency_budget_speedup_and_limits():
     with pytest.raises(ValueError, match='one of'): LatencyBudget()
     with pytest.raises(ValueError, match='speedup'): LatencyBudget(speedup=0.5)
 
-def test_latency_budget_tightens_when_the_sum_misses():
-    "Under a timer where a block inside a model costs more than alone, the plan by the sum of parts misses; `check` tightens it until the model meets the budget"
-    def lumpy(mods, x):   # a Factorized block inside a model costs 30% more than alone
+def blocks_inside_cost(extra:float):
+    "A MAC timer under which a Factorized block inside a model costs `extra` (a fraction) more than alone: <0 as a runtime that fuses the graph"
+    def timer(mods, x):
         out = []
         for m,t in zip(mods, mac_timer(mods, x)):
             ins = []
             hs = [b.register_forward_hook(lambda b,i,o: ins.append((b, i[0]))) for b in m.modules() if isinstance(b, Factorized) and b is not m]
             with torch.no_grad(): m(x)
             for h in hs: h.remove()
-            out.append(t + 0.3*sum(mac_timer([b], xb)[0] for b,xb in ins))
+            out.append(t + extra*sum(mac_timer([b], xb)[0] for b,xb in ins))
         return out
+    return timer
+
+def test_latency_budget_tightens_when_the_sum_misses():
+    "Under a timer where a block inside a model costs more than alone, the plan by the sum of parts misses; `check` tightens it until the model meets the budget"
+    lumpy = blocks_inside_cost(0.3)   # a Factorized block inside a model costs 30% more than alone
     m, x = cnn(), torch.randn(1, 3, 16, 16)
     loose = LatencyBudget(keep=0.65, timer=lumpy, cache=LatencyCache(), check=False)
     t0,t1 = lumpy([m, fold_bn(decompose_model(m, rank=loose, sample=(3, 16, 16), quiet=True)[0])], x)
@@ -233,15 +238,7 @@ def test_latency_budget_loosens_after_an_overshoot():
 
 def test_latency_budget_loosens_when_the_first_plan_overshoots():
     "A runtime that runs factor blocks faster inside the model than alone makes the first plan far faster than asked: the next rounds loosen it towards the budget (fewer error) and it still meets it"
-    def fused(mods, x):   # a Factorized block inside a model costs 60% less than alone (as a runtime that fuses the graph)
-        out = []
-        for m,t in zip(mods, mac_timer(mods, x)):
-            ins = []
-            hs = [b.register_forward_hook(lambda b,i,o: ins.append((b, i[0]))) for b in m.modules() if isinstance(b, Factorized) and b is not m]
-            with torch.no_grad(): m(x)
-            for h in hs: h.remove()
-            out.append(t - 0.6*sum(mac_timer([b], xb)[0] for b,xb in ins))
-        return out
+    fused = blocks_inside_cost(-0.6)   # 60% less than alone, as a runtime that fuses the graph
     m = cnn()
     one = LatencyBudget(keep=0.6, timer=fused, cache=LatencyCache(), rounds=1)
     decompose_model(m, rank=one, sample=(3, 16, 16), quiet=True)
