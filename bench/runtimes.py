@@ -6,7 +6,7 @@ decomposition's own. Variants, per model and batch:
     dense     the folded dense model
     keep=0.5  decompose_model(model, 'tucker', keep=0.5) (Linear by SVD), then `optimize` (folded, adjacent linear layers merged)
     keep=0.5 exact  the same with round_to=1: the exact ranks, not multiples of 8 (the default since ranks off the 8-channel block
-              take a conv out of onnxruntime's NCHWc layout)
+              take a conv out of onnxruntime's NCHWc layout); keep=0.5 r16: round_to=16 (the block on AVX-512)
     latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
               eager PyTorch, with the least error; then `optimize`
     aware-ort, latency-ort: LatencyAware(keep=0.5) / LatencyBudget(keep=0.5) timed in onnxruntime (`runtime_timer`): each layer's
@@ -59,6 +59,7 @@ def variants(name, model, sample, batch, a)->dict:
         return optimize(d, memory_format=torch.contiguous_format), f"{int(r.method.notna().sum()) if 'method' in r else '?'}/{len(r)} layers"
     add('keep=0.5', lambda: dec(keep=0.5))
     if 'keep=0.5 exact' in a.variants: add('keep=0.5 exact', lambda: dec(keep=0.5, round_to=1))
+    if 'keep=0.5 r16' in a.variants: add('keep=0.5 r16', lambda: dec(keep=0.5, round_to=16))
     def latency():
         lb = LatencyBudget(keep=0.5, batch=batch, baseline='as_run')
         m, note = dec(rank=lb)
