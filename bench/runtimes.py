@@ -81,15 +81,15 @@ def variants(name, model, sample, batch, a)->dict:
                 add(f"{by}={p} no guard", lambda by=by, p=p: dec(rank=Budget(**{by: p}, sample=sample, speed=None)))
     return out
 
-def runners(mods:dict, x, runtime:str, a)->dict:
-    "{variant: callable} in `runtime` (compiled/exported here; compile time is not timed)"
+def runners(mods:dict, x, runtime:str, a)->tuple[dict,str]:
+    "({variant: callable} in `runtime`, how they run), compiled/exported here (compile time is not timed)"
     if runtime=='eager':
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
-        return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, fmt
-    if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, None
+        return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, 'channels_last' if fmt==torch.channels_last else 'NCHW'
+    if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, ''
     opts = dict(fastest='fastest', tuned=COMPILE_OPTIONS, freezing={'freezing': True}, plain=None)[a.compile]
     out = {v: compile_model(m, x, opts, torch.channels_last if a.compile in ('fastest', 'tuned') else None) for v,m in mods.items()}
-    return out, {v: 'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults' for v,r in out.items()}
+    return out, 'inductor options: ' + ', '.join(f"{v} {'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults'}" for v,r in out.items())
 
 def rows_for(name, batch, a, say)->list:
     model, sample, data = digits_model() if name=='digits' else (*build(name), None)
@@ -109,16 +109,14 @@ def rows_for(name, batch, a, say)->list:
     for rt in a.runtimes:
         t = time.perf_counter()
         try:
-            run, fmt = runners(mods, x, rt, a)
+            run, how = runners(mods, x, rt, a)
             ts = dict(zip(run, time_calls(list(run.values()), x, reps=a.reps, warmup=1, min_time=0 if batch > 1 else 0.05)))
         except Exception as e:
             traceback.print_exc(); say(f"{name} {batch} {rt}: ERROR {type(e).__name__}: {str(e)[:300]}"); continue
         for r in rows:
             if r['variant'] in ts:
                 r[rt] = ts[r['variant']]*1e3; r[rt+'_x'] = ts['dense']/ts[r['variant']]
-        how = (f" ({'channels_last' if fmt==torch.channels_last else 'NCHW'})" if isinstance(fmt, torch.memory_format) else
-               f" (inductor options: {', '.join(f'{v} {o}' for v,o in fmt.items())})" if fmt else '')
-        say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s{how}")
+        say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s" + (f" ({how})" if how else ''))
         del run; gc.collect()
     for r in rows: say(fmt_row(r, a.runtimes))
     return rows

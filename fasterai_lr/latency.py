@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/latency.html.md"""
 
 # %% ../nbs/07_latency.ipynb #797a4c7f
 from __future__ import annotations
-import ast, copy, json, math, time, statistics, types, warnings, torch, numpy as np, pandas as pd
+import ast, contextlib, copy, json, math, time, statistics, types, warnings, torch, numpy as np, pandas as pd
 from types import SimpleNamespace
 from functools import partial
 from pathlib import Path
@@ -162,8 +162,9 @@ def compile_model(model:nn.Module, x:Tensor,
     # static shapes: dynamo's automatic dynamic shapes key on a function's name, and would compile the second shape through
     # `_own_call` dynamic (inductor's frozen oneDNN convs then fail a stride check)
     compiled = torch.compile(_own_call(in_format(model, memory_format) if memory_format else model), dynamic=False)
+    patched = partial(inductor.patch, options) if options else contextlib.nullcontext   # (no patch to enter per call for the defaults)
     def run(*args, **kwargs):
-        with inductor.patch(options or {}), torch.inference_mode(): return compiled(*args, **kwargs)
+        with patched(), torch.inference_mode(): return compiled(*args, **kwargs)
     run(x)   # (compiles now: a timing after it does not count the compile)
     run.options = options
     return run

@@ -229,21 +229,23 @@ def test_budget_aligns_where_it_can():
     decompose_model(net, 'tucker', rank=given, quiet=True)
     assert given.aligned is None, "an explicit round_to is taken as it is"
 
-@pytest.mark.parametrize('rule', ['keep', 'budget'])
+@pytest.mark.parametrize('rule', ['keep', 'budget', 'budget for onnxruntime'])
 def test_aligned_through_the_callback_on_a_trained_model(rule):
-    "Trained digits CNN, then DecomposeCallback (keep=0.5, or a Budget with calib=True) and fine-tuning: aligned ranks, no new reorder, accuracy kept"
+    """Trained digits CNN, then DecomposeCallback (keep=0.5, or a Budget with calib=True, its speed guard modelled for eager PyTorch or for
+    onnxruntime) and fine-tuning: aligned ranks, no new reorder, accuracy kept, and the result compiles to the same outputs"""
     import copy
     from fastai.torch_core import set_seed
     from fasterai_lr.cli import digits_learner, digits_dls
     from fasterai_lr.factorize import rank_step, ROUND_TO
-    from fasterai_lr.latency import ort_reorders
+    from fasterai_lr.latency import ort_reorders, compile_model
     set_seed(0)
     learn = digits_learner(digits_dls(bs=64), c=32)
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(4, 3e-3)
         dense_acc = float(learn.validate()[1])
         x, trained = learn.dls.one_batch()[0][:1].cpu(), copy.deepcopy(learn.model).cpu()
-        cb = DecomposeCallback(start_epoch=1, verbose=False, **(dict(keep=0.5) if rule=='keep' else dict(rank=Budget(params=0.4), calib=True)))
+        speed = measured_speed(runtime='onnxruntime', reps=2) if rule.endswith('onnxruntime') else 'model'
+        cb = DecomposeCallback(start_epoch=1, verbose=False, **(dict(keep=0.5) if rule=='keep' else dict(rank=Budget(params=0.4, speed=speed), calib=True)))
         learn.fit_one_cycle(3, 1e-3, cbs=cb)
         acc = float(learn.validate()[1])
     mods,step = dict(trained.named_modules()),(lambda f: ROUND_TO) if rule=='keep' else rank_step
@@ -255,3 +257,5 @@ def test_aligned_through_the_callback_on_a_trained_model(rule):
             assert a==f or a < ROUND_TO or a % step(f)==0, f"{rule}: {n} rank {r}, full {full}"
     assert ort_reorders(learn.model.cpu(), x) == ort_reorders(trained, x), "the decomposed model leaves onnxruntime's blocked layout"
     assert acc >= dense_acc - 0.03, f"{rule}: {acc:.3f} after fine-tuning, dense {dense_acc:.3f}"
+    small = learn.model.cpu().eval()
+    with torch.inference_mode(): assert torch.allclose(compile_model(small, x)(x), small(x), atol=1e-4), f"{rule}: compiled, the outputs differ"
