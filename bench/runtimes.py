@@ -15,17 +15,18 @@ decomposition's own. Variants, per model and batch:
     params=p, macs=p (digits only, --budgets): Budget(params=p) / Budget(macs=p), whose speed guard (on by default) leaves a layer
               whose factorization is modelled slower than it; 'p no guard' with speed=None
 Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
-compile is `compile_model` in channels_last, each model with COMPILE_OPTIONS (frozen weights packed for oneDNN, 1×1 convs as GEMMs)
-or inductor's defaults, whichever it runs faster (the line before the table says which); --compile tuned: COMPILE_OPTIONS only,
---compile freezing: only inductor's freezing, --compile plain: `torch.compile(model)` as it comes; onnxruntime runs the
-TorchScript export with all graph optimizations, `--threads` intra-op threads. Every variant of one model, batch and runtime is
+compile is `compile_model` in channels_last, each model with COMPILE_OPTIONS (frozen weights packed for oneDNN) or inductor's
+defaults, whichever it runs faster (the line before the table says which); --compile tuned: COMPILE_OPTIONS only,
+--compile freezing: COMPILE_OPTIONS with the weights left in NCHW, --compile plain: `torch.compile(model)` as it comes; onnxruntime runs the
+TorchScript export with all graph optimizations, `--threads` intra-op threads. --reuse-memory: `reuse_cpu_memory()` first (glibc keeps
+freed memory for the next call instead of faulting big activations in afresh; onnxruntime has its own arena). Every variant of one model, batch and runtime is
 timed in one `time_calls` (rotating order, median of --reps rounds), so their ratios share the machine's state.
 Columns: ms per batch, speed-up = dense ms / variant ms, MAC ratio = dense MACs / variant MACs, their quotient (1.0: every MAC saved
 is time saved). The digits CNN (sklearn's 8×8 digits, trained here in seconds) is the trained model; the torchvision models have
 random weights (timing does not depend on the values).
 
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
-                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|freezing|plain] [--out bench/out/runtimes.txt]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|freezing|plain] [--reuse-memory] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
 import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
@@ -36,7 +37,7 @@ from speed import build
 from budgets import digits_data, digits_cnn, train
 from fasterai_lr.decompose import decompose_model
 from fasterai_lr.ranks import Budget, model_macs, n_params
-from fasterai_lr.latency import COMPILE_OPTIONS, compile_model, LatencyAware, LatencyBudget, fold_bn, optimize, fastest_format, in_format, in_runtime, runtime_timer, time_calls
+from fasterai_lr.latency import COMPILE_OPTIONS, compile_model, LatencyAware, LatencyBudget, fold_bn, optimize, fastest_format, in_format, in_runtime, reuse_cpu_memory, runtime_timer, time_calls
 
 RUNTIMES = ['eager', 'compile', 'ort']
 
@@ -87,7 +88,7 @@ def runners(mods:dict, x, runtime:str, a)->tuple[dict,str]:
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
         return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, 'channels_last' if fmt==torch.channels_last else 'NCHW'
     if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, ''
-    opts = dict(fastest='fastest', tuned=COMPILE_OPTIONS, freezing={'freezing': True}, plain=None)[a.compile]
+    opts = dict(fastest='fastest', tuned=COMPILE_OPTIONS, freezing=COMPILE_OPTIONS, plain=None)[a.compile]
     out = {v: compile_model(m, x, opts, torch.channels_last if a.compile in ('fastest', 'tuned') else None) for v,m in mods.items()}
     return out, 'inductor options: ' + ', '.join(f"{v} {'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults'}" for v,r in out.items())
 
@@ -150,6 +151,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--compile', default='fastest', choices=['fastest', 'tuned', 'freezing', 'plain'])
+    p.add_argument('--reuse-memory', action='store_true', help='reuse_cpu_memory() before timing')
     p.add_argument('--out', default='bench/out/runtimes.txt')
     a = p.parse_args(argv)
     a.runtimes, a.variants, a.budgets = a.runtimes.split(','), a.variants.split(','), [float(b) for b in a.budgets.split(',') if b]
@@ -161,7 +163,7 @@ def main(argv=None):
     up = lambda: subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     say(f"bench/runtimes.py {' '.join(argv or sys.argv[1:])}")
     say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
-        f"input {a.size}×{a.size}; compile {a.compile}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
+        f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if a.reuse_memory and reuse_cpu_memory() else 'glibc defaults'}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
     say(f"uptime before: {up()}"); say(head(a.runtimes))
     rows, t0 = [], time.perf_counter()
     for name in a.models.split(','):

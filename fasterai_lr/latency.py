@@ -23,9 +23,9 @@ from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan,
 
 # %% auto #0
 __all__ = ['LATENCIES', 'RUNTIMES', 'COMPILE_OPTIONS', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner',
-           'compile_model', 'in_runtime', 'runtime_timer', 'keep_options', 'ort_reorders', 'LatencyAware', 'choose',
-           'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned', 'LatencyBudget',
-           'measured_speed', 'roofline', 'plot_roofline']
+           'compile_model', 'in_runtime', 'runtime_timer', 'reuse_cpu_memory', 'keep_options', 'ort_reorders',
+           'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned',
+           'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -137,8 +137,7 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
     def __call__(self, x:Tensor): return self.session.run(None, {'x': x.detach().contiguous().cpu().numpy()})[0]
 
-COMPILE_OPTIONS = {'freezing': True, 'conv_1x1_as_mm': True}   # inductor for inference: weights frozen as constants (packed for oneDNN on
-                                                               # the CPU), and 1×1 convs (every Tucker and SVD factor) as GEMMs
+COMPILE_OPTIONS = {'freezing': True}   # inductor for inference: weights frozen as constants, packed for oneDNN on the CPU
 
 def _own_call(model:nn.Module)->Callable:
     """`model` called through a function with a code object of its own: dynamo keeps its compiled graphs on the code object they run
@@ -181,6 +180,23 @@ def runtime_timer(runtime:str='onnxruntime', threads:int|None=None, reps:int=5)-
     def timer(mods:list, x:Tensor)->list: return time_calls([in_runtime(m, x, runtime, threads) for m in mods], x, reps=reps)
     timer.runtime = runtime   # part of each measurement's key in the cache
     return timer
+
+# %% ../nbs/07_latency.ipynb #aa00474f
+_M_TRIM_THRESHOLD,_M_MMAP_THRESHOLD,_M_MMAP_MAX,_M_ARENA_MAX = -1,-3,-4,-8   # glibc's mallopt parameters
+
+def reuse_cpu_memory(on:bool=True)->bool:
+    """`on`: glibc's malloc takes every block from its heap (none mapped from the OS, to be unmapped when freed) and keeps freed memory for
+    the next call; threads started after it share that heap (an arena a thread already has maps blocks over 64 MB whatever the setting).
+    Off: glibc's default thresholds again (fixed ones: the adaptive threshold does not come back), freed memory returned. The process's
+    setting; False, with nothing changed, where the C library is not glibc"""
+    import ctypes, ctypes.util
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c')); libc.gnu_get_libc_version
+    except (OSError, AttributeError, TypeError): return False
+    sets = ({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31-1, _M_ARENA_MAX: 1} if on else
+            {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 2**17, _M_TRIM_THRESHOLD: 2**17, _M_ARENA_MAX: 0})
+    done = all(libc.mallopt(k, v)==1 for k,v in sets.items())
+    if not on: libc.malloc_trim(0)
+    return done
 
 # %% ../nbs/07_latency.ipynb #9afc8478
 def keep_options(layer:nn.Module, method:str, keep:float, steps=(8, 16))->list[tuple]:
