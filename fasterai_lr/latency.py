@@ -186,9 +186,9 @@ _M_TRIM_THRESHOLD,_M_MMAP_THRESHOLD,_M_MMAP_MAX,_M_ARENA_MAX = -1,-3,-4,-8   # g
 
 def reuse_cpu_memory(on:bool=True)->bool:
     """`on`: glibc's malloc takes every block from its heap (none mapped from the OS, to be unmapped when freed) and keeps freed memory for
-    the next call; threads started after it share that heap (an arena a thread already has maps blocks over 64 MB whatever the setting).
-    Off: glibc's default thresholds again (fixed ones: the adaptive threshold does not come back), freed memory returned. The process's
-    setting; False, with nothing changed, where the C library is not glibc"""
+    the next call, in the main thread (threads started after it are sent to the same heap, but glibc may still map their blocks over 64 MB
+    afresh). Off: glibc's default thresholds again (fixed ones: the adaptive threshold does not come back), freed memory returned. The
+    process's setting; False, with nothing changed, where the C library is not glibc"""
     import ctypes, ctypes.util
     try: libc = ctypes.CDLL(ctypes.util.find_library('c')); libc.gnu_get_libc_version
     except (OSError, AttributeError, TypeError): return False
