@@ -161,9 +161,10 @@ def main(argv=None):
     def say(s=''): print(s, flush=True); out.write(s+'\n'); out.flush()
     import onnxruntime
     up = lambda: subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
+    reused = a.reuse_memory and reuse_cpu_memory()
     say(f"bench/runtimes.py {' '.join(argv or sys.argv[1:])}")
     say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
-        f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if a.reuse_memory and reuse_cpu_memory() else 'glibc defaults'}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
+        f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if reused else 'glibc defaults'}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
     say(f"uptime before: {up()}"); say(head(a.runtimes))
     rows, t0 = [], time.perf_counter()
     for name in a.models.split(','):

@@ -372,21 +372,3 @@ def test_latency_budget_with_layers_timed_slow_alone():
     dec,_ = decompose_model(m, rank=lb, sample=(3, 16, 16), head=True, quiet=True)   # (with the output Linear kept the 8 rounds end 0.07% over)
     t0,t1 = mac_timer([m, fold_bn(copy.deepcopy(dec))], x)
     assert lb.achieved <= 0.5 + 1e-9 and t1/t0 <= 0.5 + 1e-9, f"achieved {lb.achieved:.3f}, the model really takes {t1/t0:.3f} of the time"
-
-REUSE_PROBE = """import resource, torch
-from fasterai_lr.latency import reuse_cpu_memory
-def faults(n:int)->int:
-    "Minor page faults of the second of two n×4 MB activations, each written and freed"
-    torch.ones(n, 2**20).sum(); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(n, 2**20).sum(); return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
-before = [faults(n) for n in (16, 64)]
-assert reuse_cpu_memory()
-print(*before, *[faults(n) for n in (16, 64)])"""
-
-def test_reuse_cpu_memory_keeps_big_activations_mapped():
-    "With glibc's defaults a 64 MB or 256 MB block is mapped afresh on every allocation; reused, it faults in once"
-    import subprocess, sys
-    r = subprocess.run([sys.executable, '-c', REUSE_PROBE], capture_output=True, text=True, timeout=300)
-    assert r.returncode==0, r.stderr
-    b64,b256,*kept = map(int, r.stdout.split())
-    assert max(kept)*10 < min(b64, b256), (b64, b256, kept)   # 16384 and 65536 pages (fewer with transparent huge pages), faulted in again
