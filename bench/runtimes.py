@@ -17,7 +17,7 @@ decomposition's own. Variants, per model and batch:
 Eager runs channels_last where `fastest_format` measures it faster (the same format for the dense model and its decomposition);
 compile is `compile_model` in channels_last, each model with COMPILE_OPTIONS (frozen weights packed for oneDNN) or inductor's
 defaults, whichever it runs faster (the line before the table says which); --compile tuned: COMPILE_OPTIONS only,
---compile freezing: COMPILE_OPTIONS with the weights left in NCHW, --compile plain: `torch.compile(model)` as it comes; onnxruntime runs the
+--compile tuned-nchw: COMPILE_OPTIONS with the weights left in NCHW, --compile plain: `torch.compile(model)` as it comes; onnxruntime runs the
 TorchScript export with all graph optimizations, `--threads` intra-op threads. --reuse-memory: `reuse_cpu_memory()` first (glibc keeps
 freed memory for the next call instead of faulting big activations in afresh; onnxruntime has its own arena). Every variant of one model, batch and runtime is
 timed in one `time_calls` (rotating order, median of --reps rounds), so their ratios share the machine's state.
@@ -26,7 +26,7 @@ is time saved). The digits CNN (sklearn's 8×8 digits, trained here in seconds) 
 random weights (timing does not depend on the values).
 
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
-                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|freezing|plain] [--reuse-memory] [--out bench/out/runtimes.txt]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|tuned-nchw|plain] [--reuse-memory] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
 import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
@@ -88,7 +88,7 @@ def runners(mods:dict, x, runtime:str, a)->tuple[dict,str]:
         fmt = fastest_format(mods['dense'], tuple(x.shape[1:]), x.shape[0])
         return {v: in_format(copy.deepcopy(m), fmt) for v,m in mods.items()}, 'channels_last' if fmt==torch.channels_last else 'NCHW'
     if runtime=='ort': return {v: in_runtime(m, x, 'onnxruntime', a.threads) for v,m in mods.items()}, ''
-    opts = dict(fastest='fastest', tuned=COMPILE_OPTIONS, freezing=COMPILE_OPTIONS, plain=None)[a.compile]
+    opts = {'fastest': 'fastest', 'tuned': COMPILE_OPTIONS, 'tuned-nchw': COMPILE_OPTIONS, 'plain': None}[a.compile]
     out = {v: compile_model(m, x, opts, torch.channels_last if a.compile in ('fastest', 'tuned') else None) for v,m in mods.items()}
     return out, 'inductor options: ' + ', '.join(f"{v} {'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults'}" for v,r in out.items())
 
@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument('--variants', default='keep=0.5,keep=0.5 exact,latency,params=0.5,aware-ort,latency-ort'); p.add_argument('--budgets', default='0.26,0.5')
     p.add_argument('--threads', type=int, default=1); p.add_argument('--reps', type=int, default=5)
     p.add_argument('--size', type=int, default=224)
-    p.add_argument('--compile', default='fastest', choices=['fastest', 'tuned', 'freezing', 'plain'])
+    p.add_argument('--compile', default='fastest', choices=['fastest', 'tuned', 'tuned-nchw', 'plain'])
     p.add_argument('--reuse-memory', action='store_true', help='reuse_cpu_memory() before timing')
     p.add_argument('--out', default='bench/out/runtimes.txt')
     a = p.parse_args(argv)

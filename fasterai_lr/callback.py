@@ -153,8 +153,7 @@ class DecomposeCallback(Callback):
         if method=='auto' and not per_layer: raise ValueError(AUTO)
         if not (calib is None or calib is True or isinstance(calib, Calibrator)):
             raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
-        opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
-        if opt=='energy' and method=='cp': raise ValueError(NOT_CP)
+        self.rank_opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
         self.exclude = layer_names(exclude, 'exclude')
         self.opts = dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy, round_to=_round(round_to))
         self.method,self.calib,self.head,self.verbose,self.todo,self.calib_used = method,calib,head,verbose,[],None
@@ -167,6 +166,9 @@ class DecomposeCallback(Callback):
         if isinstance(self.learn.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
         if not any(isinstance(m, tuple(LAYER_METHODS)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose (nor any other conv)")
         left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
+        mods = dict(unwrap(self.model).named_modules())   # energy= with CP: refused now, before training, where CP would take a layer
+        if self.rank_opt=='energy' and (cp := [n for l in left for ns in l.values() for n in ns if layer_method(mods[n], self.method)=='cp']):
+            raise ValueError(f"DecomposeCallback: method='cp' would factorize {', '.join(cp[:3])}{'…' if len(cp) > 3 else ''}, and " + NOT_CP + ", or method='tucker'")
         n_iter = len(self.dls.train)
         for i,(e,l) in enumerate(zip(self.starts, left)):
             at = _start_iter(e, self.n_epoch, n_iter)

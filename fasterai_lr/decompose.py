@@ -478,8 +478,7 @@ def walk_args(model:nn.Module, kinds, method:str, methods, layers=None, exclude=
     if isinstance(rank, dict): rank = first_names(rank, model); _check_rank_dict(rank, dict(model.named_modules()))
     if calib is None and isinstance(rank, RankRule): calib = rank.calib   # a budget's own calibration fits the factors too
     _check_calib(calib)
-    opt,v = ('plan', None) if per_layer else rank_option(**opts)
-    if opt=='energy' and method=='cp': raise ValueError(NOT_CP)
+    opt,v = ('plan', None) if per_layer else rank_option(**opts)   # (energy= with CP: refused at the first layer CP would take)
     _check_quantized(model, kinds)
     return SimpleNamespace(kinds=kinds, method=method, methods=methods, layers=layers, exclude=exclude, rank=rank, calib=calib,
                            opt=opt, v=v, round_to=_round(round_to))
@@ -578,7 +577,8 @@ def _svd_note(layer, meth:str, method:str)->str:
     if isinstance(layer, RNN_KINDS):
         rest = sum(getattr(layer, k).numel() for k in layer._flat_weights_names if not k.startswith('weight_ih'))
         return f"weight_ih only: weight_hh and the biases ({rest:,} parameters) stay as they are"
-    if not isinstance(layer, CONV_KINDS) or meth==method or method=='auto': return ''
+    # (a method a plan or rule chose is in the report's method column: no note; a 3×3 conv is neither 1×1 nor 1-D)
+    if not isinstance(layer, CONV_KINDS) or meth==method or method=='auto' or layer_method(layer, method)!=meth: return ''
     return '1×1: SVD' if all(k==1 for k in layer.kernel_size) else '1-D: SVD (its spatial split)'
 
 def choices(new:nn.Module, cands:list, rows:dict, w:SimpleNamespace, sample=None)->list:
@@ -614,7 +614,7 @@ def swap(new:nn.Module, items:list, built:dict, follow:dict, rows:dict, shapes:d
     leader's factors"""
     paths,blocks = module_paths(new),{}
     for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
-        blocks[n] = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)),m
+        blocks[n] = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)).train(m.training),m   # (in the layer's mode)
     for f,l in follow.items(): _tie(new, f, l, blocks, rows, shapes)
     for n,(blk,m) in blocks.items():
         for a in paths.get(n, [n]): place_block(new, a, blk)   # (a parent in `ADAPTERS`: rebuilt around the block)

@@ -115,7 +115,6 @@ CASES = [
     ('calib-nan-data', net, lambda m, t: Conv_Decomposer().decompose(m, calib=calib([torch.full((2, 3, 8, 8), float('nan'))]), quiet=True), ValueError, 'non-finite'),
     # the callback's conflicting options
     ('callback-rank-and-keep', lambda: None, lambda m, t: callback(rank=2, keep=0.5), ValueError, 'pass only one of'),
-    ('callback-cp-energy', lambda: None, lambda m, t: callback(method='cp', energy=0.9), ValueError, 'energy= is not defined for CP'),
     ('callback-negative-start', lambda: None, lambda m, t: callback(start_epoch=-1), ValueError, 'start_epoch=-1 is not an epoch'),
     ('callback-stages-without-layers', lambda: None, lambda m, t: callback(start_epoch=[1, 2]), ValueError, 'pass layers= as one list of layer names'),
     ('callback-auto-without-budget', lambda: None, lambda m, t: callback(method='auto', keep=0.5), ValueError, "method='auto' lets a rank budget choose"),

@@ -302,7 +302,7 @@ def test_digits_accuracy_within_a_point():
     (dict(start_epoch=1.5), 'not an epoch'), (dict(start_epoch=-1), 'not an epoch'), (dict(start_epoch=True), 'not an epoch'),
     (dict(start_epoch=[1, 3]), 'one list of layer names'), (dict(start_epoch=[1, 3], layers=['a', 'b']), 'one list of layer names'),
     (dict(method='tuckr'), "unknown method 'tuckr'"), (dict(keep=0.5, rank=4), 'pass only one of'), (dict(keep=2), 'outside'),
-    (dict(method='cp', energy=0.9), 'not defined for CP'), (dict(layers=3), 'must be a list of layer names')])
+    (dict(layers=3), 'must be a list of layer names')])
 def test_bad_options(kwargs, err):
     with pytest.raises((ValueError, TypeError), match=err): DecomposeCallback(**kwargs)
 
@@ -311,6 +311,13 @@ def test_refused_before_training(dls):
     model = learn.model
     with pytest.raises(ValueError, match="no layer named 'bdy'"): fit(learn, 1, cbs=DecomposeCallback(0, layers=['bdy']))
     with pytest.raises(ValueError, match="'head.1' is a Flatten"): fit(learn, 1, cbs=DecomposeCallback(0, exclude=['head.1']))
+    # energy= with CP: refused at before_fit, where the model says which layers CP would take (here every conv)
+    with pytest.raises(ValueError, match="method='cp' would factorize body.1.0, body.2.0, body.3.0, and energy= is not defined for CP"):
+        fit(learn, 1, cbs=DecomposeCallback(0, method='cp', energy=0.9))
+    assert learn.model is model and not any(isinstance(m, Factorized) for m in model.modules()), "the refused fit changed the model"
+    cb = DecomposeCallback(0, method='cp', energy=0.5, layers=['head.2'], head=True, round_to=1)   # CP takes no layer here: the Linear by SVD
+    fit(learner(dls), 1, cbs=cb)
+    assert list(cb.report.method)==['svd'], cb.report
     learn.opt_func = OptimWrapper(opt=torch.optim.SGD(model.parameters(), lr=0.1))
     learn.opt = None
     with pytest.raises(TypeError, match='already built'): fit(learn, 1, cbs=DecomposeCallback(0))

@@ -85,6 +85,36 @@ def test_full_rank_exact(name, method):
         if isinstance(l, CONV_KINDS) and m!=method:
             assert m=='svd' and note in ('1×1: SVD', '1-D: SVD (its spatial split)'), f"{name} by {method}: {n} got {m} ({note!r})"
 
+def test_chosen_methods_get_no_shape_note():
+    "A method a plan (or a rule) chose for a k×k conv shows in the method column: the 1×1 and 1-D notes are only for layers the walk's method cannot take"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1),
+                        nn.Flatten(), nn.Linear(16*16, 10)).eval()
+    _,rep = decompose_model(net, 'tucker', rank={'0': ('svd', 2), '2': ('spatial', 4), '4': ('svd', 4)}, sample=(3, 4, 4), quiet=True)
+    test = dict(zip(rep.layer, rep.note))
+    assert (test['0'], test['2'], test['4'])==('', '', '1×1: SVD'), test
+    _,rep = decompose_model(model('series'), 'spatial', rank={'0': 4, '3': ('tucker', 4)}, sample=batch('series'), quiet=True)
+    test = dict(zip(rep.layer, rep.note))
+    assert (test['0'], test['3'])==('1-D: SVD (its spatial split)', ''), test
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_blocks_take_the_layers_mode(mode):
+    "Each block is in the mode of the layer it replaces: an eval-mode model gives an eval-mode model, by every path (weights, calibration, a plan)"
+    net,x = getattr(model('series'), mode)(), batch('series')
+    for kw in (dict(keep=0.5), dict(keep=0.5, calib=Calibration([x])), dict(rank=Budget(params=0.5))):
+        new,_ = decompose_model(net, sample=x, quiet=True, **kw)
+        assert any(isinstance(m, Factorized) for m in new.modules())
+        assert {m.training for m in new.modules()}=={mode=='train'}, f"{kw}: modes {[(n, m.training) for n,m in new.named_modules()]}"
+
+def test_cp_energy_refused_only_where_cp_would_take_a_layer():
+    "energy= is not defined for CP: refused at the first layer CP would take; a selection CP takes nothing of (Linears, 1×1) decomposes by SVD"
+    net,x = model('series'), batch('series')
+    with pytest.raises(ValueError, match='0: energy= is not defined for CP'): decompose_model(net, 'cp', energy=0.9, sample=x, quiet=True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32*16, 64), nn.Linear(64, 10))
+    new,rep = decompose_model(net, 'cp', energy=0.5, layers=['1', '3'], sample=(3, 4, 4), quiet=True)
+    assert list(rep.method)==['svd', 'svd'] and all(isinstance(new.get_submodule(n), Factorized) for n in '13'), rep
+
 @pytest.mark.parametrize('name', MODELS)
 def test_keep_half(name):
     "keep=0.5: fewer parameters in the report and in the model, each decomposed layer within half of its parameters"
