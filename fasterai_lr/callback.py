@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/callback.html.md"""
 
 # %% ../nbs/06_callback.ipynb #bf5db4b6
 from __future__ import annotations
-import math, warnings, torch, torch.distributed as dist, pandas as pd
+import math, warnings, numpy as np, torch, torch.distributed as dist, pandas as pd
 from torch import nn, Tensor
 from fastcore.basics import patch, noop
 from fastai.callback.core import Callback
@@ -18,12 +18,14 @@ from .core import _is_int, _is_real, _py
 from .factorize import ROUND_TO
 from .layers import rank_option, NOT_CP
 from torch.nn.parallel import DistributedDataParallel as DDP
-from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, Calibrator, _check_rule, _round
+from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, ModelBudget, Calibrator
+from .decompose import _check_rule, _round, _check_rank_dict, _check_model_rank, _layer_choice, first_names
 from .calibrate import Calibration
-from .ranks import n_params, model_macs
+from .ranks import n_params, model_macs, VBMF
+from fastai.callback.tracker import TrackerCallback
 
 # %% auto #0
-__all__ = ['model_costs', 'dense_layers', 'decompose_dense', 'DecomposeCallback']
+__all__ = ['model_costs', 'dense_layers', 'decompose_dense', 'restart_trackers', 'DecomposeCallback']
 
 # %% ../nbs/06_callback.ipynb #1c5deee3
 def model_costs(model:nn.Module, x:Tensor|None=None)->tuple[int,int|None]:
@@ -129,6 +131,17 @@ def _stages(start_epoch, layers)->tuple[list,list]:
         raise ValueError(f"with {len(starts)} stages (start_epoch={start_epoch!r}), pass layers= as one list of layer names (or None: all that is left) per stage, e.g. layers=[['head'], None]")
     return starts, [layer_names(l) for l in layers]
 
+def _nothing_left(e, layers)->str:
+    return (f"DecomposeCallback: no layer left to decompose at start_epoch={e}" + (f" among layers={layers!r}" if layers else '')
+            + ": every one is already in a Factorized block or cannot be factorized; training goes on as it is")
+
+def restart_trackers(learn:Learner):
+    """Start fastai's trackers (`SaveModelCallback`, `EarlyStoppingCallback`, `ReduceLROnPlateau`) over: after a swap the best so far is
+    the dense model's, whose checkpoint does not load into the decomposed one, and the first epochs after it are no plateau"""
+    for cb in learn.cbs.filter(lambda c: isinstance(c, TrackerCallback)):
+        cb.best = float('inf') if cb.comp is np.less else -float('inf')
+        if hasattr(cb, 'wait'): cb.wait = 0
+
 class DecomposeCallback(Callback):
     "Decompose `learn.model` at `start_epoch` (or at each of several), rebuild the optimizer on the live parameters and train on"
     order,run_valid = 0,False  # before MixedPrecision (10): decompose outside autocast
@@ -150,25 +163,26 @@ class DecomposeCallback(Callback):
         if method not in Conv_Decomposer.methods+('auto',): raise ValueError(f"unknown method {method!r}; pass one of {', '.join(map(repr, Conv_Decomposer.methods+('auto',)))}")
         _check_rule(rank)
         per_layer = isinstance(rank, (dict, RankRule))
-        if method=='auto' and not per_layer: raise ValueError(AUTO)
+        if method=='auto' and not isinstance(rank, (dict, ModelBudget)): raise ValueError(AUTO)
         if not (calib is None or calib is True or isinstance(calib, Calibrator)):
             raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
-        self.rank_opt,_ = rank_option(None if per_layer else rank, keep, percent_removed, energy)
+        self.rank_opt,self.rank_v = ('plan', None) if per_layer else rank_option(rank, keep, percent_removed, energy)
         self.exclude = layer_names(exclude, 'exclude')
         self.opts = dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy, round_to=_round(round_to))
         self.method,self.calib,self.head,self.verbose,self.todo,self.calib_used = method,calib,head,verbose,[],None
         self.report,self.totals = pd.DataFrame(),pd.DataFrame()
 
-    def before_fit(self):
-        "Find the batches to decompose at, or say now why it will not happen"
-        self.todo = []
+    def before_fit(self): self.todo,self.planned = [],False   # (validate and get_preds run before_fit too: the plan waits for training)
+
+    def before_train(self):
+        "At the fit's first training epoch: find the batches to decompose at, or say now why it will not happen"
+        if self.planned: return
+        self.planned = True
         if hasattr(self.learn, 'lr_finder') or not len(self.dls.train): return
         if isinstance(self.learn.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
         if not any(isinstance(m, tuple(LAYER_METHODS)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose (nor any other conv)")
         left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
-        mods = dict(unwrap(self.model).named_modules())   # energy= with CP: refused now, before training, where CP would take a layer
-        if self.rank_opt=='energy' and (cp := [n for l in left for ns in l.values() for n in ns if layer_method(mods[n], self.method)=='cp']):
-            raise ValueError(f"DecomposeCallback: method='cp' would factorize {', '.join(cp[:3])}{'…' if len(cp) > 3 else ''}, and " + NOT_CP + ", or method='tucker'")
+        self._check_ranks(unwrap(self.model), left)
         n_iter = len(self.dls.train)
         for i,(e,l) in enumerate(zip(self.starts, left)):
             at = _start_iter(e, self.n_epoch, n_iter)
@@ -176,12 +190,28 @@ class DecomposeCallback(Callback):
                 frozen = " (the learner is frozen: in fine_tune's first, frozen fit, the callback decomposes in the unfrozen fit that follows)"
                 hint = frozen if self.opt.frozen_idx else ''
                 warnings.warn(f"DecomposeCallback: start_epoch={e} is at or past the end of this fit ({self.n_epoch} epochs), so it will not decompose in it; pass a start_epoch below {self.n_epoch}, or a fraction of training such as 0.5" + hint)
-            elif not any(l.values()): warnings.warn(f"DecomposeCallback: no layer left to decompose at start_epoch={e}" + (f" among layers={self.layers[i]!r}" if self.layers[i] else '') + ": every one is already in a Factorized block or cannot be factorized; training goes on as it is")
+            elif not any(l.values()): warnings.warn(_nothing_left(e, self.layers[i]))
             else: self.todo.append((divmod(at, n_iter), i))
         self.todo.sort()
         if self.todo:
             self.report,self.totals = pd.DataFrame(),pd.DataFrame()
             if hasattr(self.learn, 'recorder'): self.learn.recorder.decompositions = self.totals
+
+    def _check_ranks(self, model:nn.Module, left:list):
+        """Refuse now, not after the dense epochs, what the walk would refuse at the swap: a rank plan's unknown names or bad ranks, a rank
+        at or above every layer's full rank, energy= or VBMF where CP would take a layer"""
+        mods,rank = dict(model.named_modules()),self.opts['rank']
+        plan = first_names(rank, model) if isinstance(rank, dict) else None
+        if plan is not None: _check_rank_dict(plan, mods)
+        cands = [[(n, mods[n], layer_method(mods[n], self.method), None) for ns in l.values() for n in ns] for l in left]
+        if plan is not None or self.rank_opt=='rank':   # explicit ranks: each checked against its layer, as the walk will
+            for c in cands:
+                if self.rank_opt=='rank' and c: _check_model_rank(self.rank_v, c)
+                for n,m,meth,_ in c: _layer_choice(n, m, meth, plan, self.rank_opt, self.rank_v, Conv_Decomposer.methods)
+        what = 'energy=' if self.rank_opt=='energy' else 'rank=VBMF()' if isinstance(rank, VBMF) else None
+        if what and (cp := list(dict.fromkeys(n for c in cands for n,_,m,_ in c if m=='cp'))):
+            raise ValueError(f"DecomposeCallback: method='cp' would factorize {', '.join(cp[:3])}{'…' if len(cp) > 3 else ''}, and {what} gives no CP "
+                             "rank (CP has no singular values); pass keep=, rank= or a Budget, or method='tucker'")
 
     def before_batch(self):
         "Decompose when the next stage is due"
@@ -194,12 +224,14 @@ class DecomposeCallback(Callback):
         model = unwrap(self.model)   # under DDP (fastai's distrib_ctx): decompose the module, then wrap it anew
         if model is not self.model and dist.is_initialized():   # every process calibrates the same model: rank 0's BatchNorm statistics
             for b in model.buffers(): dist.broadcast(b, 0)
+        if not any(dense_layers(model, self.layers[i], self.exclude, self.head).values()):   # (an earlier stage took them)
+            return warnings.warn(_nothing_left(self.starts[i], self.layers[i]))
         p0,m0 = model_costs(model, x)
         self.calib_used = Calibration(self.dls.train) if self.calib is True else self.calib   # drawn now: batches as the model sees them
         # (a budget plans on today's weights)
         new,rep = decompose_dense(model, self.method, self.layers[i], self.exclude, x, self.head, calib=self.calib_used, **self.opts)
         t = report_totals(rep)
-        if t['decomposed']: self.learn.swap_model(new)
+        if t['decomposed']: self.learn.swap_model(new); restart_trackers(self.learn)
         else: warnings.warn(f"DecomposeCallback: stage {i} decomposed no layer: none would be smaller at these ranks (see the notes in .report)")
         p1,m1 = model_costs(unwrap(self.model), x)
         epoch = round(self.epoch + self.iter/self.n_iter, 3)

@@ -495,7 +495,17 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
     if calib is not None: pick = self._check(model, curves, pick, limit, calib)
     self.achieved = (fixed + sum(c.cost(self.by)[j] for c,j in zip(curves, pick)))/total
     self.report = self._report(curves, pick, candidates, slow)
+    self._overshot()
     return curve_plan(curves, pick, bare=True)
+
+@patch
+def _overshot(self:Budget, under:float=0.8):
+    "Warn where the speed guard made the plan cut far more than asked (under `under`× the budget): the only fast options are small ranks"
+    if self.slowed or not any(s is not None and s.any() for s in self._slow.values()) or self.achieved >= under*self.keep: return
+    r = self.report.dropna(subset=['rank']).sort_values('error').iloc[-1]
+    warnings.warn(f"{self!r} keeps {self.achieved:.1%} of the model's {self.by}, far under the {self.keep:.0%} asked: the factorizations modelled "
+                  f"faster than their layers cut more than that ({r.layer} at rank {r['rank']}, error {r.error:.2f}). speed=None takes ranks nearer "
+                  f"the budget (modelled slower at batch {self.speed.batch}); the report's notes say which layers have no fast option")
 
 @patch
 def _report(self:Budget, curves:list, pick:list, candidates:list, slow:dict)->pd.DataFrame:

@@ -10,6 +10,7 @@ from fastai.optimizer import Adam, SGD, OptimWrapper
 from fastai.torch_core import set_seed, trainable_params
 from fasterai_lr.layers import Factorized
 from fasterai_lr.decompose import decompose_model, RankRule, ModelBudget, Calibrator
+from fasterai_lr.ranks import VBMF
 from fasterai_lr.callback import DecomposeCallback, dense_layers
 from fasterai_lr.cli import digits_dls, digits_learner
 
@@ -312,7 +313,7 @@ def test_refused_before_training(dls):
     with pytest.raises(ValueError, match="no layer named 'bdy'"): fit(learn, 1, cbs=DecomposeCallback(0, layers=['bdy']))
     with pytest.raises(ValueError, match="'head.1' is a Flatten"): fit(learn, 1, cbs=DecomposeCallback(0, exclude=['head.1']))
     # energy= with CP: refused at before_fit, where the model says which layers CP would take (here every conv)
-    with pytest.raises(ValueError, match="method='cp' would factorize body.1.0, body.2.0, body.3.0, and energy= is not defined for CP"):
+    with pytest.raises(ValueError, match="method='cp' would factorize body.1.0, body.2.0, body.3.0, and energy= gives no CP rank"):
         fit(learn, 1, cbs=DecomposeCallback(0, method='cp', energy=0.9))
     assert learn.model is model and not any(isinstance(m, Factorized) for m in model.modules()), "the refused fit changed the model"
     cb = DecomposeCallback(0, method='cp', energy=0.5, layers=['head.2'], head=True, round_to=1)   # CP takes no layer here: the Linear by SVD
@@ -326,6 +327,51 @@ def test_refused_before_training(dls):
     bare.model = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
     bare.opt = None
     with pytest.raises(ValueError, match='no nn.Linear or nn.Conv2d'): fit(bare, 1, cbs=DecomposeCallback(0))
+
+class Batches(Callback):
+    "How many training batches ran"
+    def before_fit(self): self.n = 0
+    def after_batch(self): self.n += self.training
+
+@pytest.mark.parametrize('kwargs,err', [
+    (dict(method='cp', rank=VBMF()), "method='cp' would factorize body.1.0, body.2.0, body.3.0, and rank=VBMF\\(\\) gives no CP rank"),
+    (dict(rank={'nope': 4}), "rank= names 'nope', which is not a layer"), (dict(rank={'body.1.0': (4,)}), 'is not a rank'),
+    (dict(rank={'body.1.0': 999}), 'body.1.0: rank=999 is above the full Tucker ranks'), (dict(rank=10_000), 'above the full rank of every layer'),
+    (dict(method='auto', rank={'body.1.0': 4}), 'the rank plan gives a rank but no method')])
+def test_refused_before_the_dense_epochs(dls, kwargs, err):
+    "What the walk would refuse at the swap is refused before the first training batch, the model as it was"
+    learn, n = learner(dls), Batches()
+    model = learn.model
+    with pytest.raises(ValueError, match=err): fit(learn, 3, cbs=[DecomposeCallback(2, **kwargs), n])
+    assert n.n==0 and learn.model is model and not any(isinstance(m, Factorized) for m in model.modules())
+
+def test_auto_needs_a_budget_at_construction():
+    with pytest.raises(ValueError, match="method='auto' lets a rank budget choose"): DecomposeCallback(method='auto', rank=VBMF())
+
+def test_idle_outside_fit(dls):
+    "validate and get_preds (which run before_fit too) with the callback attached: no error, no warning, nothing decomposed; before a fit and after one"
+    learn = learner(dls)
+    learn.add_cb(cb := DecomposeCallback(1, keep=0.25, verbose=False))
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            with learn.no_bar(): learn.validate(); learn.get_preds()
+        fit(learn, 2)
+    assert len(cb.totals)==1 and any(isinstance(m, Factorized) for m in learn.model.modules())
+
+def test_stage_with_nothing_left_warns(dls):
+    "A later stage whose layers an earlier one took: a warning at its epoch, and training goes on"
+    learn = learner(dls)
+    cb = DecomposeCallback([1, 2], layers=[None, ['body.3']], keep=0.25, verbose=False)
+    warns(lambda: fit(learn, 3, 1e-2, cbs=cb), 'no layer left to decompose at start_epoch=2 among layers=')
+    assert len(cb.totals)==1 and len(learn.recorder.values)==3
+
+def test_trackers_start_over_at_the_swap(dls, tmp_path):
+    "SaveModelCallback whose best epoch came before the swap, EarlyStoppingCallback that would stop at its loss jump: the fit runs to its end on the decomposed model"
+    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
+    learn = learner(dls, path=tmp_path)
+    fit(learn, 4, 1e-2, how='fit_one_cycle', cbs=[DecomposeCallback(3, keep=0.05, verbose=False), SaveModelCallback(), EarlyStoppingCallback(patience=1)])
+    assert len(learn.recorder.values)==4 and any(isinstance(m, Factorized) for m in learn.model.modules()), "the fit stopped or loaded the dense checkpoint"
 
 def test_past_the_end_warns(dls):
     learn = learner(dls)

@@ -117,6 +117,18 @@ def test_guard_notes_left_layers():
     free = Budget(params=0.6, sample=(8, 2, 2), speed=None); free.plan(net, 'tucker')
     assert (free.report.note.str.startswith('kept: every cheaper').sum()) == 0
 
+def test_guard_overshoot_warns():
+    "Where the only options modelled faster cut far more than asked, the plan takes them (no slower model) and says so; speed=None lands near the budget"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Flatten(), nn.Linear(128*4, 10))
+    b = Budget(params=0.9, sample=(128, 2, 2))
+    with pytest.warns(UserWarning, match=r"keeps .* far under the 90% asked: the factorizations modelled faster than their layers cut more than that \(0 at rank"):
+        b.plan(net, 'tucker')
+    assert b.achieved < 0.72, b.report
+    free = Budget(params=0.9, sample=(128, 2, 2), speed=None)
+    with warnings.catch_warnings(): warnings.simplefilter('error'); free.plan(net, 'tucker')
+    assert 0.72 <= free.achieved <= 0.9, free.report
+
 def test_guard_without_sizes_is_unchecked():
     "Without sample= the guard cannot model a conv: the plan is the unguarded one, and `unchecked` names the layers"
     net = digits_like()
