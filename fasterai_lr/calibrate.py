@@ -659,9 +659,13 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, sa
         with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])
     work = self._working_copy(model)
     kept = {n: work.get_submodule(n) for n in blks}
+    parents = {up: work.get_submodule(up) for n in blks if (up := n.rpartition('.')[0])}
     try:
-        for n,b in blks.items(): work.set_submodule(n, b)
+        for n,b in blks.items(): place_block(work, n, b)                # (as the walk puts them: a parent whose forward reads the layer
+        unnest_encoders(work)                                            #  adapted, an encoder's fast path off)
         with evaluating(work): y,y0 = torch.cat([flat_outputs(self._forward(work, x)) for x in xs]), self._y0[k]
     finally:
-        for n,l in kept.items(): work.set_submodule(n, l)              # the copy back to the model as it is, for the next plan
+        if any(work.get_submodule(up) is not p for up,p in parents.items()): self._work = None   # a parent rebuilt: a fresh copy next time
+        else:
+            for n,l in kept.items(): work.set_submodule(n, l)          # the copy back to the model as it is, for the next plan
     return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()

@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/callback.html.md"""
 
 # %% ../nbs/06_callback.ipynb #bf5db4b6
 from __future__ import annotations
-import math, warnings, numpy as np, torch, torch.distributed as dist, pandas as pd
+import math, reprlib, warnings, numpy as np, torch, torch.distributed as dist, pandas as pd
 from torch import nn, Tensor
 from fastcore.basics import patch, noop
 from fastai.callback.core import Callback
@@ -50,9 +50,6 @@ def decompose_dense(model:nn.Module, method:str='tucker', layers=None, exclude=N
     return decompose_model(model, method, sample, quiet=True, layers=layers, exclude=exclude, head=head, **opts)
 
 # %% ../nbs/06_callback.ipynb #a56fdfd7
-def _is_channels_last(model):
-    return any(p.dim()==4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
-
 def _share_kept(old:nn.Module, new:nn.Module)->int:
     "Put `old`'s Parameter objects into `new` wherever `new` holds an equal one under the same name (a layer left as it was)"
     olds,n = dict(old.named_parameters(remove_duplicate=False)),0
@@ -88,7 +85,7 @@ def swap_model(self:Learner, model:nn.Module)->nn.Module:
     if isinstance(self.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
     _share_kept(unwrap(old), unwrap(model))   # before a DDP wrapper registers the parameters
     _keep_modes(unwrap(old), unwrap(model))
-    if _is_channels_last(old): model.to(memory_format=torch.channels_last)
+    if is_channels_last(old): model.to(memory_format=torch.channels_last)
     self.model = model = _rewrapped(old, model)
     if opt is None: return old
     try:
@@ -165,7 +162,7 @@ class DecomposeCallback(Callback):
         per_layer = isinstance(rank, (dict, RankRule))
         if method=='auto' and not isinstance(rank, (dict, ModelBudget)): raise ValueError(AUTO)
         if not (calib is None or calib is True or isinstance(calib, Calibrator)):
-            raise TypeError(f"calib={calib!r}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
+            raise TypeError(f"calib={reprlib.repr(calib)}: pass True (calibrate on learn.dls.train at the swap) or a Calibration(data)")
         self.rank_opt,self.rank_v = ('plan', None) if per_layer else rank_option(rank, keep, percent_removed, energy)
         self.exclude = layer_names(exclude, 'exclude')
         self.opts = dict(rank=rank, keep=keep, percent_removed=percent_removed, energy=energy, round_to=_round(round_to))

@@ -18,7 +18,7 @@ from fastai.layers import ConvLayer
 from fastai.torch_core import params, set_seed
 from fastai.metrics import accuracy
 from fastai.callback.schedule import *
-from .core import time_calls
+from .core import time_calls, check_number
 from .callback import DecomposeCallback, model_costs
 
 # %% auto #0
@@ -117,6 +117,8 @@ def demo(epochs:int=8,          # epochs of fit_one_cycle, for both runs
          quiet:bool=False,      # print only the comparison
         )->pd.DataFrame:
     "Train `digits_cnn` on the digits dense and with `DecomposeCallback`, print and return the comparison"
+    check_number(epochs, 'epochs', 'a positive int, e.g. --epochs 8', lo=1, integer=True)
+    check_number(start_epoch, 'start_epoch', f'an epoch below --epochs {epochs}, e.g. --start-epoch {epochs//2}', lo=0, hi=epochs-1, integer=True)
     if threads: torch.set_num_threads(threads)
     learners,cb = _train_both(epochs, start_epoch, keep, method, lr, seed, quiet)
     res,paired = _compare(learners, reps)

@@ -19,10 +19,10 @@ from .factorize import all_finite
 # %% auto #0
 __all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'RNN_KINDS', 'LAYER_METHODS', 'EQUIVALENTS', 'Adapter',
            'ADAPTERS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag', 'FactorizedRNN', 'FactorizedModule', 'equivalent',
-           'adapter', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'sample_input',
-           'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'copy_model', 'under', 'module_paths',
-           'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches', 'output_tensors',
-           'flat_outputs', 'time_calls']
+           'adapter', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'is_channels_last',
+           'sample_input', 'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'copy_model', 'under',
+           'module_paths', 'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches',
+           'output_tensors', 'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -133,6 +133,10 @@ def placement(model:nn.Module)->tuple[torch.device,torch.dtype|None]:
     "The device and float dtype of `model`'s parameters (the CPU and None for a model without any)"
     p = next(model.parameters(), None)
     return (p.device, p.dtype if p.is_floating_point() else None) if p is not None else (torch.device('cpu'), None)
+
+def is_channels_last(model:nn.Module)->bool:
+    "Some 4-d parameter of `model` is in channels_last (and not also contiguous: a 1×1 kernel is both)"
+    return any(p.dim()==4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
 
 def _to(x:Tensor, device, dtype)->Tensor: return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
 
@@ -311,6 +315,7 @@ def time_calls(mods:list[nn.Module], # modules to time on the same input (in eva
                stat:Callable|None=statistics.median, # what to make of each module's round times; None: the times themselves
               )->list:
     "Seconds per call of each of `mods` on `x` (the `stat` of its times), measured side by side in `reps` interleaved rounds"
+    check_number(reps, 'reps', 'a positive int of interleaved rounds, e.g. reps=5', lo=1, integer=True)
     with torch.inference_mode():
         n,ts = _repeats(mods, x, warmup, min_time, clock),[[] for _ in mods]
         for r in range(reps):

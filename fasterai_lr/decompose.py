@@ -491,8 +491,8 @@ def _all_done(new, todo, out, w)->bool:
         warnings.warn(f"every {what} layer but the output layer {out!r} (kept: pass head=True to decompose it) is already decomposed; the model is returned as it was")
         return True
     if todo: return False
-    if not done: raise ValueError(f"no {what} layer to decompose in this model" + (" among layers=" + repr(w.layers) if w.layers else '') + nor)
     among = (f" among layers={w.layers!r}" if w.layers else '') + (f" outside exclude={w.exclude!r}" if w.exclude else '')
+    if not done: raise ValueError(f"no {what} layer to decompose in this model{among}" + nor)
     warnings.warn(f"every {what} layer{among} is already decomposed; the model is returned as it was (decompose the original to change ranks)")
     return True
 
@@ -614,14 +614,14 @@ def swap(new:nn.Module, items:list, built:dict, follow:dict, rows:dict, shapes:d
     leader's factors"""
     paths,blocks = module_paths(new),{}
     for n,m,meth,r in (items if quiet else progress_bar(items, leave=False)):
-        blocks[n] = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)).train(m.training),m   # (in the layer's mode)
+        blk = (built[n] if built.get(n) is not None else builder(m, meth)(m, r)).train(m.training)   # in the layer's mode,
+        blocks[n] = (blk.to(memory_format=torch.channels_last) if is_channels_last(m) else blk),m       # and its memory format
     for f,l in follow.items(): _tie(new, f, l, blocks, rows, shapes)
     for n,(blk,m) in blocks.items():
         for a in paths.get(n, [n]): place_block(new, a, blk)   # (a parent in `ADAPTERS`: rebuilt around the block)
         rows[n]['rank'] = blk.rank
         _note(rows[n], move_hooks(m, blk), f"used at {', '.join(paths[n])}: one block at each" if n in paths else '')
-    for e in new.modules():   # its nested-tensor fast path reads the packed weights of its first layer's attention and Linears
-        if isinstance(e, nn.TransformerEncoder) and any(isinstance(a, DECOMPOSED) for a in e.modules()): e.use_nested_tensor = False
+    unnest_encoders(new)
 
 REPORT = ['layer','source','method','rank','params','params_after','macs','macs_after','note']   # the report's columns
 

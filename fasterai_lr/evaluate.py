@@ -97,9 +97,12 @@ def sweep(model:nn.Module,
           finetune:Callable|None=None,  # model -> None: a short fine-tune, in place
           latency:bool=True,
           layers=None, exclude=None,    # the layers to decompose (all by default) and those to leave, as in `decompose_model`
-          **budget_kw)->pd.DataFrame:
+          **budget_kw)->pd.DataFrame:   # `Budget`'s other arguments (calib=: data-aware ranks and factors, for 'keep' and 'rank' too)
     "Accuracy (before and after `finetune`), size and CPU latency of `model` decomposed at each of `fractions`"
     if by not in ('params','macs','keep','rank'): raise ValueError(f"by={by!r}: pass 'params', 'macs', 'keep' or 'rank'")
+    if by in ('keep','rank') and (other := sorted(set(budget_kw) - {'calib'})):
+        raise ValueError(f"{', '.join(other)}= shape a Budget, and by={by!r} uses none; pass by='params' or 'macs', or leave them out")
+    calib = budget_kw.get('calib')
     P0,M0 = n_params(model), model_macs(model, sample)
     def row(m, f, rule):
         r = dict(fraction=f, rule=rule, params=n_params(m)/P0, macs=model_macs(m, sample)/M0, accuracy=float(evaluate(m)))
@@ -110,7 +113,7 @@ def sweep(model:nn.Module,
     for f in fractions:
         budget = lambda: Budget(**{by: f}, **budget_kw).plan(model, method, sample, layers=layers, exclude=exclude)
         opts = dict(rank=budget()) if by in ('params','macs') else dict(keep=f) if by=='keep' else dict(percent_removed=1-f)
-        new,_ = decompose_model(model, method, sample=sample, quiet=True, layers=layers, exclude=exclude, **opts)
+        new,_ = decompose_model(model, method, sample=sample, quiet=True, layers=layers, exclude=exclude, calib=calib, **opts)
         rows.append(row(new, f, by))
         if finetune is not None: finetune(new); rows[-1]['accuracy_ft'] = float(evaluate(new))
     return pd.DataFrame(rows)

@@ -32,6 +32,9 @@ def decomposition_plan(model:nn.Module)->dict:
     layers,owner,whole = {},{},[]
     for n,m in unwrap(model).named_modules():
         if not isinstance(m, DECOMPOSED) or under(n, whole): continue   # (a factorized attention's factors: in its entry)
+        if getattr(m, 'merged', False):
+            raise ValueError(f"{n!r}: a factor of this block was merged with a neighbouring layer (optimize() or merge_linear: an inference copy), "
+                             "so it is no longer its method at its rank; save the plan of the model before optimize(), and optimize after loading")
         if isinstance(m, FactorizedModule):
             layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source); whole.append(n); continue
         layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source)

@@ -64,6 +64,8 @@ def _at_batch(layer:nn.Module, in_shape, batch:int)->tuple:
 
 def in_format(m:nn.Module, memory_format)->nn.Module:
     "`m` with its 4-d parameters and buffers in `memory_format`, the others as they are (channels_last is for 4-d tensors: not a Conv3d's)"
+    if memory_format not in (torch.channels_last, torch.contiguous_format):
+        raise TypeError(f"memory_format={memory_format!r}: pass torch.channels_last or torch.contiguous_format")
     return m._apply(lambda t: t.contiguous(memory_format=memory_format) if t.ndim==4 else t)
 
 # %% ../nbs/07_latency.ipynb #84d86189
@@ -189,6 +191,7 @@ def reuse_cpu_memory(on:bool=True)->bool:
     the next call, in the main thread (threads started after it are sent to the same heap, but glibc may still map their blocks over 64 MB
     afresh). Off: glibc's default thresholds again (fixed ones: the adaptive threshold does not come back), freed memory returned. The
     process's setting; False, with nothing changed, where the C library is not glibc"""
+    if not isinstance(on, bool): raise TypeError(f"on={on!r}: pass True (reuse freed memory) or False (glibc's defaults again)")
     import ctypes, ctypes.util
     try: libc = ctypes.CDLL(ctypes.util.find_library('c')); libc.gnu_get_libc_version
     except (OSError, AttributeError, TypeError): return False
@@ -396,6 +399,8 @@ def merge_linear(model:nn.Module)->nn.Module:
         for a,b in linked(model):
             if a in done or b in done or (new := _merge(mods[a], mods[b])) is None: continue
             model.set_submodule(a, new); model.set_submodule(b, nn.Identity()); done |= {a, b}
+            for n,m in model.named_modules():   # a block a factor of which is merged with a neighbour is no longer its method at its rank
+                if isinstance(m, DECOMPOSED) and (under(a, [n]) or under(b, [n])): m.merged = True
         if not done: return model
 
 # %% ../nbs/07_latency.ipynb #07cbcbac
@@ -412,7 +417,7 @@ def fastest_format(model:nn.Module, sample, batch:int=1, timer:Callable|None=Non
     x = _batch_input(model, sample, batch, placement(model)[0], torch.contiguous_format)
     if x.ndim!=4: return torch.contiguous_format
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
-    t_nchw,t_cl = (timer or time_calls)([model.eval(), cl], x)
+    with evaluating(model): t_nchw,t_cl = (timer or time_calls)([model, cl], x)   # (the caller's model back in its mode)
     return torch.channels_last if t_cl*(1+margin) < t_nchw else torch.contiguous_format
 
 def optimize(model:nn.Module, sample=None, batch:int=1,
@@ -421,6 +426,9 @@ def optimize(model:nn.Module, sample=None, batch:int=1,
              memory_format='auto',     # 'auto' (measured, needs `sample`), torch.channels_last or torch.contiguous_format
              timer:Callable|None=None)->nn.Module:
     "An inference (eval-mode) copy of `model` with BatchNorms folded, adjacent linear layers merged and the faster memory format"
+    for k,v in dict(fold=fold, merge=merge).items():
+        if not isinstance(v, bool): raise TypeError(f"{k}={v!r}: pass True or False")
+    if memory_format!='auto': in_format(nn.Module(), memory_format)   # (checked before the copy)
     new = copy.deepcopy(model).eval()
     if fold: fold_bn(new)
     if merge: merge_linear(new)
@@ -587,7 +595,9 @@ def roofline(model:nn.Module, sample, batch:int=1, speed:SpeedModel|None=None, r
     per byte), the roofline time at `speed` (this machine's `measured_speed` by default), the time measured alone on its input and the
     share of the roofline it reaches; `bound` says which ceiling it is under"""
     dev,_ = placement(model)
-    speed = speed or measured_speed(batch, dev)
+    batch = check_number(batch, 'batch', 'a positive int, e.g. batch=1', lo=1, integer=True)
+    if speed is not None and not isinstance(speed, SpeedModel): raise TypeError(f"speed={speed!r}: pass a SpeedModel (e.g. measured_speed()), or None to measure one")
+    speed = measured_speed(batch, dev) if speed is None else SpeedModel(speed.flops, speed.bandwidth, speed.overhead, batch)   # (at `batch`)
     x = _batch_input(model, sample, batch, dev, torch.contiguous_format)
     rows = []
     for n,(m,xi,out) in _leaf_inputs(model, x).items():

@@ -18,7 +18,8 @@ __all__ = ['RANK_OPTIONS', 'NOT_CP', 'BUILDERS', 'PROJECTIONS', 'NESTED', 'rank_
            'conv_svd', 'conv_spatial', 'conv_tucker', 'conv_cp', 'builder', 'same_padding', 'pad_same', 'SameConv2d',
            'check_embedding', 'embedding_shell', 'embedding_svd', 'component_norms', 'projections', 'check_attention',
            'attention_ranks', 'attention_costs', 'FactorizedMHA', 'attention_svd', 'rnn_weight_ih', 'check_rnn',
-           'rnn_shell', 'rnn_svd', 'FactorizedEmbeddingDropout', 'FactorizedWeightDropout', 'place_block']
+           'rnn_shell', 'rnn_svd', 'FactorizedEmbeddingDropout', 'FactorizedWeightDropout', 'place_block',
+           'unnest_encoders']
 
 # %% ../nbs/02_layers.ipynb #78845f79
 RANK_OPTIONS = ('rank', 'keep', 'percent_removed', 'energy')
@@ -578,3 +579,8 @@ def place_block(model:nn.Module, path:str, blk:nn.Module)->None:
     if not up or (a := adapter(parent, attr)) is None: return model.set_submodule(path, blk)   # (the model itself: not rebuilt)
     new = a.build(parent, attr, blk).train(parent.training)
     for p in module_paths(model).get(up, [up]): model.set_submodule(p, new)
+
+def unnest_encoders(model:nn.Module)->None:
+    "Turn off the nested-tensor fast path of each `TransformerEncoder` holding a block: it reads the packed weights of its first layer's attention and Linears"
+    for e in model.modules():
+        if isinstance(e, nn.TransformerEncoder) and any(isinstance(a, DECOMPOSED) for a in e.modules()): e.use_nested_tensor = False

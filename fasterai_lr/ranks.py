@@ -303,10 +303,20 @@ def _prepare(calib, model:nn.Module, cands:list):
     if calib is not None: calib.prepare(model, [n for n,*_ in cands])
     return calib
 
+def _rnn_layer_flops(x, w_ih, w_hh, *_, **__)->int:
+    "FLOPs of one fused RNN layer (oneDNN's, which `torch.utils.flop_counter` has no formula for): every step's input and hidden products"
+    return 2*math.prod(x[:-1])*(math.prod(w_ih) + math.prod(w_hh))
+
 def model_macs(model:nn.Module, sample)->int:
-    "Multiply-adds of `model` per sample (convolutions and matrix products, as `torch.utils.flop_counter` counts them)"
+    """Multiply-adds of `model` per sample (convolutions and matrix products, as `torch.utils.flop_counter` counts them; attention's fused
+    inference path off, fused RNN layers counted)"""
     from torch.utils.flop_counter import FlopCounterMode
-    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as fc: model(sample_input(model, sample))
+    fused = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, 'mkldnn_rnn_layer') else {}
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # (MultiheadAttention's and TransformerEncoderLayer's fused kernels: not counted)
+    try:
+        with evaluating(model), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=fused) as fc: model(sample_input(model, sample))
+    finally: torch.backends.mha.set_fastpath_enabled(fast)
     return fc.get_total_flops()//2
 
 def n_params(model:nn.Module)->int: return sum(p.numel() for p in model.parameters())

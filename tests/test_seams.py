@@ -1,0 +1,98 @@
+"""Where the parts meet, found by using them together: sweep + calibration, optimize + save, roofline at a batch, a budget with a
+calibration on a Transformer, MACs of fused layers, the demo's arguments, and inputs the latency tools refuse"""
+import warnings, pytest, torch
+from torch import nn
+from fasterai_lr.all import *
+from fasterai_lr.ranks import SpeedModel
+from fasterai_lr.cli import digits_cnn, demo
+
+def same(a, b): return a.state_dict().keys()==b.state_dict().keys() and all(torch.equal(v, b.state_dict()[k]) for k,v in a.state_dict().items())
+
+@pytest.fixture
+def digits():
+    torch.manual_seed(0)
+    X = torch.rand(64, 1, 8, 8)
+    return digits_cnn().eval(), X, Calibration(X.split(16))
+
+@pytest.mark.parametrize('by', ['params', 'keep'])
+def test_sweep_fits_the_factors_with_the_calibration(digits, by):
+    "sweep(calib=): the same model as decompose_model with that calibration (data-aware factors, not only a data-aware plan)"
+    model, X, cal = digits
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # (the speed guard's notes)
+        sweep(model, lambda m: seen.append(m) or 0., X[:8], fractions=(0.4,), by=by, latency=False, calib=cal)
+        rank = dict(rank=Budget(params=0.4, calib=cal)) if by=='params' else dict(keep=0.4, calib=cal)
+        want,_ = decompose_model(model, 'tucker', sample=X[:8], quiet=True, **rank)
+        weights_only,_ = decompose_model(model, 'tucker', sample=X[:8], quiet=True, **({'keep': 0.4} if by=='keep' else {'rank': rank['rank'].plan(model, 'tucker', X[:8])}))
+    assert same(seen[-1], want) and not same(seen[-1], weights_only)
+    with pytest.raises(ValueError, match="alloc= shape a Budget, and by='keep' uses none"):
+        sweep(model, lambda m: 0., X[:8], fractions=(0.4,), by='keep', latency=False, alloc='greedy')
+
+def test_plan_of_an_optimized_model_is_refused():
+    "merge_linear folds a neighbour into a block's factor: the block is no longer its method at its rank, and its plan says so"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    new,_ = decompose_model(model, 'svd', rank={'1': 4}, quiet=True)
+    opt = optimize(new, memory_format=torch.contiguous_format)
+    x = torch.randn(3, 64)
+    assert torch.allclose(opt(x), new(x), atol=1e-5)
+    with pytest.raises(ValueError, match="'1': a factor of this block was merged with a neighbouring layer"): decomposition_plan(opt)
+    assert decomposition_plan(new)['layers']=={'1': {'method': 'svd', 'rank': 4, 'source': 'Linear(64, 32)'}}
+
+def test_roofline_at_the_batch_asked():
+    "roofline(batch=8, speed=...): the ceiling's time at batch 8 whatever batch the SpeedModel was made for; bad input refused"
+    m = digits_cnn().eval()
+    at = lambda b: roofline(m, (1, 8, 8), batch=8, reps=1, speed=SpeedModel(flops=1e11, bandwidth=2e10, overhead=1e-5, batch=b)).roofline_ms
+    assert torch.allclose(torch.tensor(at(1).values), torch.tensor(at(8).values))
+    with pytest.raises(ValueError, match=r'batch=0 is outside \[1'): roofline(m, (1, 8, 8), batch=0)
+    with pytest.raises(TypeError, match="speed='fast': pass a SpeedModel"): roofline(m, (1, 8, 8), speed='fast')
+
+def test_latency_tools_leave_the_model_and_refuse_bad_input():
+    m = digits_cnn().train()
+    fastest_format(m, (1, 8, 8))
+    assert m.training, "fastest_format changed the caller's model's mode"
+    x = torch.randn(2, 1, 8, 8)
+    for f,err,msg in [(lambda: optimize(m, memory_format='nhwc'), TypeError, "memory_format='nhwc': pass torch.channels_last"),
+                      (lambda: compile_model(m, x, None, memory_format='channels_last'), TypeError, 'pass torch.channels_last'),
+                      (lambda: compile_model(m, x, 'fastest', reps=0), ValueError, r'reps=0 is outside'),
+                      (lambda: optimize(m, fold='yes'), TypeError, "fold='yes': pass True or False"),
+                      (lambda: reuse_cpu_memory('no'), TypeError, "on='no': pass True")]:
+        with pytest.raises(err, match=msg): f()
+    assert m.training
+
+def test_budget_with_calibration_on_a_transformer():
+    "Budget + Calibration on TransformerEncoder layers: the plan's checks put blocks in as the walk does (the encoder layer's fast path off)"
+    torch.manual_seed(0)
+    class Net(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, dropout=0., batch_first=True), 2, enable_nested_tensor=False)
+            s.head = nn.Linear(64, 2)
+        def forward(s, x): return s.head(s.enc(x).mean(1))
+    net, xs = Net().eval(), [torch.randn(8, 12, 64) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        new,rep = decompose_model(net, rank=Budget(params=0.5), calib=Calibration(xs), quiet=True)
+    t = report_totals(rep)
+    assert t['decomposed'] and t['params_after'] <= 0.55*t['params'] and torch.isfinite(new(xs[0])).all(), rep
+
+def test_macs_of_fused_layers():
+    "model_macs counts what the fused inference paths hide: attention (its fast path off while counting) and oneDNN's RNN layers"
+    x = torch.randn(1, 12, 64)
+    lstm = nn.LSTM(64, 64, batch_first=True, bidirectional=True, num_layers=2)
+    assert model_macs(lstm, x) == 12*(2*(256*64 + 256*64) + 2*(256*128 + 256*64))
+    enc = nn.TransformerEncoderLayer(64, 4, 128, dropout=0., batch_first=True)
+    with torch.enable_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as fc: enc(x)   # (the plain path: every product)
+    assert model_macs(enc, x) == fc.get_total_flops()//2 > 0
+    assert torch.backends.mha.get_fastpath_enabled(), "model_macs left attention's fast path off"
+
+def test_decompose_keeps_channels_last():
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1)).to(memory_format=torch.channels_last)
+    new,_ = decompose_model(m, keep=0.5, head=True, quiet=True)
+    ws = [p for p in new.parameters() if p.ndim==4 and p.shape[-1] > 1]
+    assert ws and all(p.is_contiguous(memory_format=torch.channels_last) for p in ws)
+
+@pytest.mark.parametrize('kw,msg', [(dict(epochs=0), r'epochs=0 is outside \[1'), (dict(epochs=2, start_epoch=5), r'start_epoch=5 is outside \[0, 1\]')])
+def test_demo_refuses_before_training(kw, msg):
+    with pytest.raises(ValueError, match=msg): demo(plot='', reps=1, quiet=True, **kw)
