@@ -22,10 +22,10 @@ from .decompose import _round
 from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan, _prepare
 
 # %% auto #0
-__all__ = ['LATENCIES', 'RUNTIMES', 'COMPILE_OPTIONS', 'LatencyCache', 'layer_key', 'in_format', 'LayerTimer', 'OrtRunner',
-           'compile_model', 'in_runtime', 'runtime_timer', 'reuse_cpu_memory', 'keep_options', 'ort_reorders',
-           'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize', 'planned',
-           'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
+__all__ = ['LATENCIES', 'RUNTIMES', 'COMPILE_OPTIONS', 'LatencyCache', 'layer_key', 'check_format', 'in_format', 'LayerTimer',
+           'OrtRunner', 'compile_model', 'in_runtime', 'runtime_timer', 'reuse_cpu_memory', 'keep_options',
+           'ort_reorders', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize',
+           'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -62,10 +62,15 @@ def _at_batch(layer:nn.Module, in_shape, batch:int)->tuple:
     d = 1 if isinstance(layer, RNN_KINDS) and not layer.batch_first and len(in_shape)==3 else 0
     return (*in_shape[:d], batch, *in_shape[d+1:])
 
-def in_format(m:nn.Module, memory_format)->nn.Module:
-    "`m` with its 4-d parameters and buffers in `memory_format`, the others as they are (channels_last is for 4-d tensors: not a Conv3d's)"
+def check_format(memory_format):
+    "`memory_format` if it is torch.channels_last or torch.contiguous_format, else a clear error"
     if memory_format not in (torch.channels_last, torch.contiguous_format):
         raise TypeError(f"memory_format={memory_format!r}: pass torch.channels_last or torch.contiguous_format")
+    return memory_format
+
+def in_format(m:nn.Module, memory_format)->nn.Module:
+    "`m` with its 4-d parameters and buffers in `memory_format`, the others as they are (channels_last is for 4-d tensors: not a Conv3d's)"
+    check_format(memory_format)
     return m._apply(lambda t: t.contiguous(memory_format=memory_format) if t.ndim==4 else t)
 
 # %% ../nbs/07_latency.ipynb #84d86189
@@ -428,7 +433,7 @@ def optimize(model:nn.Module, sample=None, batch:int=1,
     "An inference (eval-mode) copy of `model` with BatchNorms folded, adjacent linear layers merged and the faster memory format"
     for k,v in dict(fold=fold, merge=merge).items():
         if not isinstance(v, bool): raise TypeError(f"{k}={v!r}: pass True or False")
-    if memory_format!='auto': in_format(nn.Module(), memory_format)   # (checked before the copy)
+    if memory_format!='auto': check_format(memory_format)   # (before the copy)
     new = copy.deepcopy(model).eval()
     if fold: fold_bn(new)
     if merge: merge_linear(new)

@@ -368,9 +368,9 @@ def test_stage_with_nothing_left_warns(dls):
 
 def test_trackers_start_over_at_the_swap(dls, tmp_path):
     "SaveModelCallback whose best epoch came before the swap, EarlyStoppingCallback that would stop at its loss jump: the fit runs to its end on the decomposed model"
-    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
+    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback, ReduceLROnPlateau
     learn = learner(dls, path=tmp_path)
-    fit(learn, 4, 1e-2, how='fit_one_cycle', cbs=[DecomposeCallback(3, keep=0.05, verbose=False), SaveModelCallback(), EarlyStoppingCallback(patience=1)])
+    fit(learn, 4, 1e-2, how='fit_one_cycle', cbs=[DecomposeCallback(3, keep=0.05, verbose=False), SaveModelCallback(), EarlyStoppingCallback(patience=1), ReduceLROnPlateau(patience=1)])
     assert len(learn.recorder.values)==4 and any(isinstance(m, Factorized) for m in learn.model.modules()), "the fit stopped or loaded the dense checkpoint"
 
 def test_past_the_end_warns(dls):
