@@ -511,9 +511,9 @@ _batch = threading.local()   # which calibration batch the current thread runs
 
 class _Lockstep:
     """Every calibration batch through the dense copy and through the model being decomposed at once, a thread each: a batch waits at each
-    layer to fit until all batches are there"""
-    def __init__(self, cal:Calibration, items:list):
-        self.cal,self.todo = cal,{n: (l, m, r) for n,l,m,r in items}
+    layer to fit until all batches are there; the layers in `fixed` ({name: block}) run as their blocks"""
+    def __init__(self, cal:Calibration, items:list, fixed:dict|None=None):
+        self.cal,self.todo,self.fixed = cal,{n: (l, m, r) for n,l,m,r in items},fixed or {}
         self.order = {n: i for i,n in enumerate(self.todo)}
         self.stats = {n: Stats(cal.ref_mods[n], stat_kind(l, m), cal.max_rows) for n,(l,m,r) in self.todo.items()}
         B = len(cal.xs)
@@ -563,9 +563,9 @@ class _Lockstep:
                 if self.failed: raise _Stop()
         return out if self.built[n] is None else self.built[n](x)
 
-    def _run(self, b, ref:bool):
+    def _run(self, b, ref:bool, model:nn.Module):
         _batch.b = b
-        try: self.cal._forward(self.cal.ref if ref else self.cal.model, self.cal.xs[b], b)
+        try: self.cal._forward(model, self.cal.xs[b], b)
         except BaseException as e:
             if not isinstance(e, _Stop):
                 with self.cond: self.failed.append(e); self.cond.notify_all()
@@ -576,16 +576,18 @@ class _Lockstep:
                 with self.cond: self.active -= 1; self._release()
 
     def __call__(self)->dict:
-        cal = self.cal
-        hooks = [cal.ref_mods[n].register_forward_hook(lambda m,i,o,n=n: self._put(_batch.b, (n, i[0], o))) for n in self.todo]
-        hooks += [cal.mods[n].register_forward_hook(lambda m,i,o,n=n: self._at(n, i[0], o)) for n in self.todo]
-        ts = [threading.Thread(target=self._run, args=(b, ref), daemon=True) for b in range(len(cal.xs)) for ref in (True, False)]
-        try:
-            with evaluating(cal.ref), evaluating(cal.model):
-                for t in ts: t.start()
-                for t in ts: t.join()
-        finally:
-            for h in hooks: h.remove()
+        cal,ts = self.cal,[]
+        shared = {id(t): t for m in (cal.ref, cal.model) for t in itertools.chain(m.parameters(), m.buffers())}
+        for b in range(len(cal.xs)):   # each thread its own copy of the modules, sharing the weights: a module that keeps state between
+            for ref in (True, False):  # calls (fastai's AWD_LSTM its hidden state) keeps each batch's apart, as in a pass of one at a time
+                run = copy_model(cal.ref if ref else cal.model, dict(shared)).eval()
+                hook = (lambda n: lambda m,i,o: self._put(_batch.b, (n, i[0], o))) if ref else lambda n: lambda m,i,o: self._at(n, i[0], o)
+                for n in self.todo: run.get_submodule(n).register_forward_hook(hook(n))
+                for n,blk in ({} if ref else self.fixed).items():   # (the layers decomposed without the lockstep: their blocks' outputs)
+                    run.get_submodule(n).register_forward_hook(lambda m,a,kw,o,blk=blk: blk(*a, **kw), with_kwargs=True)
+                ts.append(threading.Thread(target=self._run, args=(b, ref, run), daemon=True))
+        for t in ts: t.start()
+        for t in ts: t.join()
         if self.failed: raise self.failed[0]
         return {n: self.built.get(n) for n in self.todo}
 
@@ -596,10 +598,12 @@ def blocks(self:Calibration, items:list)->dict:
     fit = [it for it in items if self.takes(it[1])]   # the others: weight-only
     # an embedding's inputs are indices, the same in the dense model; an attention's projections: fitted on the dense model's inputs
     alone = [it for it in fit if not self.sequential or isinstance(it[1], (nn.MultiheadAttention, *EMBEDDING_KINDS))]
-    seq = [it for it in fit if it[0] not in {n for n,*_ in alone}]
-    built = _Lockstep(self, seq)() if seq else {}
     if alone: self.collect(kinds=[(q, stat_kind(self.ref_mods[q], m)) for n,l,m,_ in alone for q in self.parts(n)])
-    return {**built, **{n: self.build(n, l, m, r, sequential=False) for n,l,m,r in alone}}
+    done = {n: self.build(n, l, m, r, sequential=False) for n,l,m,r in alone}
+    if not (seq := [it for it in fit if it[0] not in done]): return done
+    # the lockstep runs through the blocks the others become (an RNN's weight-only one too), as the decomposed model will
+    fixed = {n: (done.get(n) or builder(l, m)(l, r)).eval() for n,l,m,r in items if n not in {s for s,*_ in seq}}
+    return {**fixed, **_Lockstep(self, seq, fixed)()}
 
 # %% ../nbs/05_calibrate.ipynb #c2e7d913
 def block_kernel(blk:Factorized, layer:nn.Module)->Tensor:

@@ -217,7 +217,8 @@ class DecomposeCallback(Callback):
     def after_fit(self): self.todo = []
 
     def _decompose(self, i):
-        x = self.xb[0] if len(self.xb)==1 and isinstance(self.xb[0], Tensor) else None
+        xb = self.xb[0] if len(self.xb)==1 else self.xb   # (a model of several inputs, fastai's tabular one: all of them)
+        x = xb if is_batch(xb) else None
         model = unwrap(self.model)   # under DDP (fastai's distrib_ctx): decompose the module, then wrap it anew
         if model is not self.model and dist.is_initialized():   # every process calibrates the same model: rank 0's BatchNorm statistics
             for b in model.buffers(): dist.broadcast(b, 0)

@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/core.html.md"""
 
 # %% ../nbs/01_core.ipynb #9d67f941
 from __future__ import annotations
-import copy, itertools, math, numbers, statistics, time, torch
+import copy, itertools, math, numbers, reprlib, statistics, time, torch
 from collections import namedtuple
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -20,9 +20,9 @@ from .factorize import all_finite
 __all__ = ['DECOMPOSED', 'METHODS', 'CONV_KINDS', 'EMBEDDING_KINDS', 'RNN_KINDS', 'LAYER_METHODS', 'EQUIVALENTS', 'Adapter',
            'ADAPTERS', 'HEAD_NOTE', 'Factorized', 'FactorizedBag', 'FactorizedRNN', 'FactorizedModule', 'equivalent',
            'adapter', 'layer_kind', 'kind_names', 'layer_method', 'check_number', 'placement', 'is_channels_last',
-           'sample_input', 'random_batch', 'to_model', 'describe_inputs', 'evaluating', 'unwrap', 'copy_model', 'under',
-           'module_paths', 'layer_names', 'output_layer', 'keeps_head', 'select_layers', 'as_inputs', 'calib_batches',
-           'output_tensors', 'flat_outputs', 'time_calls']
+           'sample_input', 'is_batch', 'sample_call', 'random_batch', 'to_model', 'describe_inputs', 'evaluating',
+           'unwrap', 'copy_model', 'under', 'module_paths', 'layer_names', 'output_layer', 'keeps_head',
+           'select_layers', 'as_inputs', 'calib_batches', 'output_tensors', 'flat_outputs', 'time_calls']
 
 # %% ../nbs/01_core.ipynb #247a8cb5
 class Factorized(nn.Sequential):
@@ -143,9 +143,23 @@ def _to(x:Tensor, device, dtype)->Tensor: return x.to(device, dtype) if dtype is
 def sample_input(model:nn.Module, sample)->Tensor:
     "One input of `model` from `sample` (a batch: its first item; or the shape of one input), on the model's device and float dtype"
     if not (isinstance(sample, Tensor) or isinstance(sample, (tuple, list)) and sample and all(_is_int(s) for s in sample)):
-        raise TypeError(f"sample={sample!r} is not an input batch or the shape of one; pass a tensor or a tuple of ints, e.g. sample=(3, 224, 224)")
+        raise TypeError(f"sample={reprlib.repr(sample)} is not an input batch or the shape of one; pass a tensor, a tuple of ints such as "
+                        "sample=(3, 224, 224), or for a model of several inputs a tuple of its input tensors (fastai's xb) or a dict of them")
     x = sample[:1] if isinstance(sample, Tensor) else torch.zeros(*((1,) if len(sample)==3 else ()), *sample)
     return _to(x, *placement(model))
+
+def is_batch(v)->bool:
+    "`v` is a batch of model inputs: a tensor, or a tuple, list or dict holding some (fastai's `xb` of a model of several inputs)"
+    return any(isinstance(t, Tensor) for t in (v.values() if isinstance(v, Mapping) else v if isinstance(v, (tuple, list)) else [v]))
+
+def sample_call(model:nn.Module, sample, whole:bool=False)->tuple[tuple,dict]:
+    """The (args, kwargs) of a call of `model` on `sample`, on its device and float dtype: the shape of one input, or a batch (a tensor; a
+    tuple or list of the tensors a model of several inputs takes, as fastai's `xb`; a dict of its keyword inputs) cut to its first item
+    unless `whole`"""
+    if not is_batch(sample): return (sample_input(model, sample),), {}   # a shape (or a clear error)
+    cut = lambda v: v[:1] if isinstance(v, Tensor) and v.dim() and not whole else v
+    args,kw = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {}) if isinstance(sample, (tuple, list)) else ((sample,), {})
+    return to_model(tuple(map(cut, args)), model), to_model({k: cut(v) for k,v in kw.items()}, model)
 
 def random_batch(shape, batch:int, device=None, memory_format=torch.contiguous_format)->Tensor:
     "A random batch of `batch` inputs of `shape` (one input's) on `device`; a 4-d one in `memory_format` (e.g. channels_last)"

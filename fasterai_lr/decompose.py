@@ -25,8 +25,8 @@ __all__ = ['SAME_CALL', 'HOOKS', 'AUTO', 'REPORT', 'FC_Decomposer', 'Embedding_D
            'Attention_Decomposer', 'RNN_Decomposer', 'layer_shapes', 'layer_costs', 'layer_ops', 'layer_attrs',
            'layer_paths', 'adapted', 'source_reader', 'skip_reason', 'tied_params', 'tie_groups', 'tied_block',
            'watching_reads', 'probe', 'read_reason', 'move_hooks', 'RankRule', 'candidates', 'attention_parts',
-           'split_attention', 'join_attention', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args', 'selected',
-           'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
+           'split_attention', 'join_attention', 'calib_sample', 'ModelBudget', 'Calibrator', 'first_names', 'walk_args',
+           'selected', 'screen', 'choices', 'swap', 'as_report', 'decompose_layers', 'report_totals', 'decompose_model']
 
 # %% ../nbs/03_decompose.ipynb #a8141586
 def _round(round_to)->int:
@@ -91,15 +91,15 @@ def _sizes(shape, nd:int)->tuple:
 
 def layer_shapes(model:nn.Module, sample, names)->dict:
     "(input shape, output shape, calls) of the layers `names` of `model` in one forward pass of `sample` (a batch, or its shape)"
-    x,shapes,mods = sample_input(model, sample),{},dict(model.named_modules())
+    (args,kw),shapes,mods = sample_call(model, sample),{},dict(model.named_modules())
     shape = lambda t: tuple((t if isinstance(t, Tensor) else t.data).shape)   # (an RNN's PackedSequence: its data, all steps)
     def seen(n, i, o):   # a module used twice runs twice; attention gives (output, weights), an RNN (output, state)
         shapes[n] = (shape(i[0]), shape(o[0] if isinstance(o, tuple) else o), shapes.get(n, (0,0,0))[2]+1)
     via = {p.rpartition('.')[0]: n for n in names for p in layer_paths(n, mods[n], mods) if adapted(p, mods)}   # parents in `ADAPTERS`
     hooks = [mods[k].register_forward_hook(lambda m,i,o,k=k: seen(k, i, o)) for k in dict.fromkeys([*names, *via])]
     try:
-        with evaluating(model), torch.no_grad(): model(x)
-    except Exception as e: raise ValueError(f"sample= of shape {tuple(x.shape)} does not run through the model ({type(e).__name__}: {e}); "
+        with evaluating(model), torch.no_grad(): model(*args, **kw)
+    except Exception as e: raise ValueError(f"sample= ({describe_inputs(args, kw)}) does not run through the model ({type(e).__name__}: {e}); "
                                             "pass an input batch the model takes, or the shape of one input, e.g. sample=(3, 224, 224)") from e
     finally:
         for h in hooks: h.remove()
@@ -301,7 +301,7 @@ def watching_reads(model:nn.Module, names:list):
 
 def probe(model:nn.Module, sample=None, calib=None)->bool:
     "Run `model` once, in eval mode, on `sample` (a batch or the shape of one) or the first batch of `calib`: False when there is neither"
-    if sample is not None: args,kw,what = (sample_input(model, sample),),{},'sample='
+    if sample is not None: (args,kw),what = sample_call(model, sample),'sample='
     elif calib is not None and (xs := calib.batches()): (args,kw),what = to_model(xs[0], model),'calibration batch 0'
     else: return False
     try:
@@ -378,6 +378,11 @@ def join_attention(plan:dict, parts:dict)->dict:
         else: out[k] = v
     return out
 
+def calib_sample(calib)->object:
+    "The first batch of `calib` as a `sample=` (a MAC or latency budget's input sizes), or None: no batch, or one of both kinds of inputs"
+    args,kw = calib.batches()[0] if calib is not None and calib.batches() else ((), {})
+    return None if bool(args)==bool(kw) else kw or (args[0] if len(args)==1 else args)
+
 class ModelBudget(RankRule):
     """A rank rule over the whole model at once (`Budget`, `LatencyBudget`, `LatencyAware`): `decompose_model` plans all its Linear and
     conv layers together"""
@@ -386,6 +391,7 @@ class ModelBudget(RankRule):
         """{layer name: rank} for every Linear and conv layer of `model` (but its output layer, unless `head`): pass it as `rank=` to
         `decompose_model` or a decomposer"""
         sample = sample if sample is not None else self.sample
+        if sample is None and (sample := calib_sample(calib)) is not None: probe(model, calib=calib)   # (a batch it cannot take: said so)
         return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
 
 class Calibrator:

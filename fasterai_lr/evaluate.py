@@ -82,10 +82,12 @@ def search_ranks(model:nn.Module,
 # %% ../nbs/08_evaluate.ipynb #95bf8354
 def cpu_latency(model:nn.Module, sample, min_run_time:float=0.2, reps:int=5)->float:
     "Median latency in ms of `model` on `sample` (a batch, or its shape) on one CPU thread, by `time_calls` (as the latency budgets time)"
-    x,threads = sample if isinstance(sample, Tensor) else sample_input(model, sample),torch.get_num_threads()
+    (args,kw),threads = sample_call(model, sample, whole=True),torch.get_num_threads()
+    x = next(v for v in (*args, *kw.values()) if isinstance(v, Tensor))   # (a model of several inputs: timed on all, synced on this one)
+    call = model if len(args)==1 and not kw else lambda _: model(*args, **kw)
     torch.set_num_threads(1)
     try:
-        with evaluating(model): return time_calls([model], x, reps, min_time=min_run_time/reps)[0]*1e3
+        with evaluating(model): return time_calls([call], x, reps, min_time=min_run_time/reps)[0]*1e3
     finally: torch.set_num_threads(threads)
 
 def sweep(model:nn.Module,

@@ -411,6 +411,9 @@ def merge_linear(model:nn.Module)->nn.Module:
 # %% ../nbs/07_latency.ipynb #07cbcbac
 def _batch_input(model, sample, batch, device, memory_format)->Tensor:
     if sample is None: raise ValueError("timing the whole model needs its input size; pass sample= (a batch or its shape)")
+    if is_batch(sample) and not isinstance(sample, Tensor):
+        raise ValueError(f"sample= holds a model's several inputs ({describe_inputs(*sample_call(model, sample))}), and timing the whole model here "
+                         "takes one input tensor; time the layers alone (LatencyAware, Budget(speed=measured_speed())), or a module of one input that builds the others")
     if isinstance(sample, Tensor) and not sample.is_floating_point():   # indices (token ids, categories): `batch` rows of the sample's
         return sample[torch.arange(batch) % len(sample)].to(device)
     shape = tuple(sample.shape[1:]) if isinstance(sample, Tensor) else tuple(sample)[-3:] if len(sample) >= 3 else tuple(sample)
@@ -557,8 +560,8 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     """{layer name: (method, rank)} for the `candidates` [(name, layer, method, shapes)] that meets the latency budget (errors on `calib`'s
     data where given)"""
     sample = sample if sample is not None else self.sample
-    curves = _curves(self, model, candidates, sample, _prepare(calib, model, candidates))
     x = _batch_input(model, sample, self.timer.batch, self.timer.device, torch.contiguous_format)   # as callers feed it
+    curves = _curves(self, model, candidates, sample, _prepare(calib, model, candidates))
     b = _baseline(self, model, curves, x)
     limit,least = (self.keep*b.T0 - b.fixed)/b.s, sum(c.latency.min() for c in curves)   # in the layers' own timings
     if least > limit: raise ValueError(f"{self!r} cannot be met: the layers' fastest options leave {(b.fixed+b.s*least)/b.T0:.0%} of the latency "

@@ -312,10 +312,10 @@ def model_macs(model:nn.Module, sample)->int:
     inference path off, fused RNN layers counted)"""
     from torch.utils.flop_counter import FlopCounterMode
     fused = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, 'mkldnn_rnn_layer') else {}
-    fast = torch.backends.mha.get_fastpath_enabled()
+    (args,kw),fast = sample_call(model, sample),torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)   # (MultiheadAttention's and TransformerEncoderLayer's fused kernels: not counted)
     try:
-        with evaluating(model), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=fused) as fc: model(sample_input(model, sample))
+        with evaluating(model), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=fused) as fc: model(*args, **kw)
     finally: torch.backends.mha.set_fastpath_enabled(fast)
     return fc.get_total_flops()//2
 
