@@ -161,9 +161,9 @@ def sample_call(model:nn.Module, sample, whole:bool=False)->tuple[tuple,dict]:
     args,kw = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {}) if isinstance(sample, (tuple, list)) else ((sample,), {})
     return to_model(tuple(map(cut, args)), model), to_model({k: cut(v) for k,v in kw.items()}, model)
 
-def random_batch(shape, batch:int, device=None, memory_format=torch.contiguous_format)->Tensor:
-    "A random batch of `batch` inputs of `shape` (one input's) on `device`; a 4-d one in `memory_format` (e.g. channels_last)"
-    x = torch.randn(batch, *shape, device=device)
+def random_batch(shape, batch:int, device=None, memory_format=torch.contiguous_format, dtype=None)->Tensor:
+    "A random batch of `batch` inputs of `shape` (one input's) on `device` in `dtype`; a 4-d one in `memory_format` (e.g. channels_last)"
+    x = torch.randn(batch, *shape, device=device, dtype=dtype)
     return x.contiguous(memory_format=memory_format) if x.ndim==4 else x
 
 def to_model(x, model:nn.Module):

@@ -13,14 +13,17 @@ from .core import *
 from .layers import *
 from .layers import _src
 from .decompose import tied_block
+from .latency import fold_bn, merge_linear
 
 # %% auto #0
-__all__ = ['PLAN_FORMAT', 'PLAN_VERSION', 'decomposition_plan', 'check_plan', 'apply_plan', 'save_decomposed', 'load_decomposed',
-           'to_onnx', 'onnx_error']
+__all__ = ['PLAN_FORMAT', 'PLAN_VERSION', 'INFERENCE_STEPS', 'decomposition_plan', 'check_plan', 'apply_plan', 'save_decomposed',
+           'load_decomposed', 'to_onnx', 'onnx_error']
 
 # %% ../nbs/09_export.ipynb #84ab3969
 # version 2: an entry may name the layer whose factors it shares ('tied'); a plan without ties is written as version 1
-PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 2
+# version 3: 'inference_steps', what `optimize` (`fold_bn`, `merge_linear`) did to the model after its decomposition, in order
+PLAN_FORMAT, PLAN_VERSION = 'fasterai_lr.plan', 3
+INFERENCE_STEPS = dict(fold_bn=fold_bn, merge_linear=merge_linear)
 
 def _rank_json(r):
     if isinstance(r, dict): return {k: int(x) for k,x in r.items()}   # an attention's {projection: rank}
@@ -39,6 +42,8 @@ def decomposition_plan(model:nn.Module)->dict:
             layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source); whole.append(n); continue
         layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source)
         if (leader := owner.setdefault(id(m[0].weight), n)) != n: layers[n]['tied'] = leader   # tied layers: one factor pair, the leader's
+    if steps := getattr(unwrap(model), 'inference_steps', []):   # (folds and merges since: the loader redoes them on the architecture)
+        return dict(format=PLAN_FORMAT, version=PLAN_VERSION, layers=layers, inference_steps=list(steps))
     return dict(format=PLAN_FORMAT, version=2 if any('tied' in e for e in layers.values()) else 1, layers=layers)
 
 # %% ../nbs/09_export.ipynb #66da4f0a
@@ -64,6 +69,8 @@ def check_plan(plan:dict)->dict:
     v = plan.get('version')
     if not isinstance(v, int) or v < 1: raise ValueError(f"plan version {v!r} is not a version; plans have an int version from 1")
     if v > PLAN_VERSION: raise ValueError(f"plan format version {v} is newer than this fasterai_lr reads ({PLAN_VERSION}); upgrade fasterai_lr to load it")
+    if bad := [s for s in plan.get('inference_steps', []) if s not in INFERENCE_STEPS]:
+        raise ValueError(f"plan's inference_steps {bad!r} are unknown; a plan's steps are among {', '.join(INFERENCE_STEPS)}")
     return {n: _check_spec(n, s) for n,s in plan['layers'].items()}
 
 def _planned_layer(model, name, spec, method, rank)->nn.Module:
@@ -94,6 +101,7 @@ def apply_plan(model:nn.Module, plan:dict)->nn.Module:
         blk = attention_svd(layer, r) if isinstance(layer, nn.MultiheadAttention) else shell(layer, m, r) if leader is None else tied_block(made[leader][0], layer, made[leader][1])   # (the leader's block and layer)
         made[n] = blk,layer
         for a in paths.get(n, [n]): place_block(new, a, blk)   # a module used at several places: the one block at each
+    for s in plan.get('inference_steps', []): INFERENCE_STEPS[s](new)   # (BatchNorms folded, layers merged: as the saved model was)
     return new
 
 # %% ../nbs/09_export.ipynb #ac43c0b8

@@ -102,13 +102,14 @@ class LayerTimer:
             w = layer.weight_ih_l0 if isinstance(layer, RNN_KINDS) else layer.weight
             as_is = w.device==self.device and (w.ndim!=4 or w.is_contiguous(memory_format=self.memory_format))
             return layer if as_is else in_format(copy.deepcopy(layer).to(self.device), self.memory_format).eval()
-        return in_format(shell(layer, *option).to(self.device), self.memory_format).eval()
+        return in_format(shell(layer, *option).to(self.device, placement(layer)[1]), self.memory_format).eval()   # (in its dtype)
     def input(self, in_shape, layer:nn.Module|None=None)->Tensor:
         "A random input of `in_shape` with `batch` samples: indices for an embedding"
         if isinstance(layer, EMBEDDING_KINDS):
             return torch.randint(0, layer.num_embeddings, (self.batch, *in_shape[1:]), device=self.device)
-        if isinstance(layer, RNN_KINDS): return torch.randn(_at_batch(layer, in_shape, self.batch), device=self.device)
-        return random_batch(in_shape[1:], self.batch, self.device, self.memory_format)
+        dt = placement(layer)[1] if layer is not None else None
+        if isinstance(layer, RNN_KINDS): return torch.randn(_at_batch(layer, in_shape, self.batch), device=self.device, dtype=dt)
+        return random_batch(in_shape[1:], self.batch, self.device, self.memory_format, dt)
     def __call__(self, layer:nn.Module, options:list, in_shape)->list[float]:
         "Seconds per call of `layer` and of each of `options` [(method, rank)], on an input of `in_shape` with its batch set to `batch`"
         opts = [None, *options]
@@ -363,7 +364,7 @@ def fold_bn(model:nn.Module)->nn.Module:
     """`model`, set to eval and changed in place, with every BatchNorm whose only input is a conv's (1-, 2-, 3-D, transposed too) or a
     Linear's output folded into it and replaced by Identity"""
     model.eval()
-    mods = dict(model.named_modules())
+    mods,folded = dict(model.named_modules()),False
     for a,b in linked(model):
         A,B = mods[a],mods[b]
         if not (isinstance(B, nn.modules.batchnorm._BatchNorm) and B.running_mean is not None): continue
@@ -371,7 +372,12 @@ def fold_bn(model:nn.Module)->nn.Module:
             new = fuse_conv_bn_eval(A, B, transpose=A.transposed)
         elif _plain(A, nn.Linear) and type(B) is nn.BatchNorm1d and B.num_features==A.out_features: new = fuse_linear_bn_eval(A, B)
         else: continue
-        model.set_submodule(a, new); model.set_submodule(b, nn.Identity())
+        model.set_submodule(a, new); model.set_submodule(b, nn.Identity()); folded = True
+    return _did(model, 'fold_bn') if folded else model
+
+def _did(model:nn.Module, step:str)->nn.Module:
+    "`model`, its `inference_steps` (what changed its structure after decomposition, for `save_decomposed` to redo) ending with `step`"
+    model.inference_steps = [*getattr(model, 'inference_steps', []), step]
     return model
 
 def _pointwise(m)->bool:
@@ -399,6 +405,7 @@ def _merge(A, B):
 def merge_linear(model:nn.Module)->nn.Module:
     """`model`, changed in place, with every 1×1 conv (Linear) whose only input is another conv's (Linear's) output merged into it where the
     product is smaller"""
+    merged = False
     while True:
         mods,done = dict(model.named_modules()),set()
         for a,b in linked(model):
@@ -406,7 +413,8 @@ def merge_linear(model:nn.Module)->nn.Module:
             model.set_submodule(a, new); model.set_submodule(b, nn.Identity()); done |= {a, b}
             for n,m in model.named_modules():   # a block a factor of which is merged with a neighbour is no longer its method at its rank
                 if isinstance(m, DECOMPOSED) and (under(a, [n]) or under(b, [n])): m.merged = True
-        if not done: return model
+        if not done: return _did(model, 'merge_linear') if merged else model
+        merged = True
 
 # %% ../nbs/07_latency.ipynb #07cbcbac
 def _batch_input(model, sample, batch, device, memory_format)->Tensor:
@@ -417,7 +425,7 @@ def _batch_input(model, sample, batch, device, memory_format)->Tensor:
     if isinstance(sample, Tensor) and not sample.is_floating_point():   # indices (token ids, categories): `batch` rows of the sample's
         return sample[torch.arange(batch) % len(sample)].to(device)
     shape = tuple(sample.shape[1:]) if isinstance(sample, Tensor) else tuple(sample)[-3:] if len(sample) >= 3 else tuple(sample)
-    return random_batch(shape, batch, device, memory_format)
+    return random_batch(shape, batch, device, memory_format, placement(model)[1])   # (in the model's float dtype: half, bfloat16)
 
 def fastest_format(model:nn.Module, sample, batch:int=1, timer:Callable|None=None, margin:float=0.03)->torch.memory_format:
     """channels_last if it runs `model` at least `margin` faster than NCHW on a random batch of `batch` (measured side by side), else

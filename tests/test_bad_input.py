@@ -58,7 +58,7 @@ CASES = [
     # plans that do not fit the model, or are not plans
     ('plan-not-a-dict', net, lambda m, t: apply_plan(m, 'resnet18.json'), ValueError, 'not a decomposition plan'),
     ('plan-no-format', net, lambda m, t: apply_plan(m, {'version': 1, 'layers': {}}), ValueError, 'not a decomposition plan'),
-    ('plan-newer-version', net, lambda m, t: apply_plan(m, {**plan(), 'version': 3}), ValueError, 'plan format version 3 is newer than this fasterai_lr reads (2)'),
+    ('plan-newer-version', net, lambda m, t: apply_plan(m, {**plan(), 'version': 4}), ValueError, 'plan format version 4 is newer than this fasterai_lr reads (3)'),
     ('plan-version-not-int', net, lambda m, t: apply_plan(m, {**plan(), 'version': '1'}), ValueError, "plan version '1' is not a version"),
     ('plan-missing-layer', net, lambda m, t: apply_plan(m, edit(lambda l: setitem(l, 'features.9', l['head']))), ValueError, "the plan decomposes 'features.9', which the model does not have"),
     ('plan-wrong-type', net, lambda m, t: apply_plan(m, edit(lambda l: setitem(l, 'features.1', l.pop('features.0')))), ValueError, "but the model's 'features.1' is a ReLU"),

@@ -162,3 +162,29 @@ def test_sequential_calibration_runs_through_attention_blocks():
     y = torch.cat([m(x) for x in xs])
     err = lambda seq: (torch.cat(list(map(decompose_model(m, keep=0.4, calib=Calibration(xs, sequential=seq), quiet=True, head=True)[0], xs))) - y).norm()/y.norm()
     assert err(True) < 0.97*err(False)   # (0.78 against 0.83; 0.83 when it ran through the dense attention)
+
+# ---- deployment copies: optimized models save, and half-precision models time in their dtype
+
+def test_optimized_model_saves_and_loads(digits, tmp_path):
+    "save_decomposed after optimize(): the plan keeps the folds (inference_steps), load_decomposed redoes them before the weights load"
+    from fasterai_lr.cli import digits_cnn
+    model, X, cal = digits
+    new,_ = decompose_model(model, keep=0.5, calib=cal, quiet=True)
+    opt = optimize(new, memory_format=torch.contiguous_format)
+    assert decomposition_plan(opt)['inference_steps'] == ['fold_bn'] and 'inference_steps' not in decomposition_plan(new)
+    back = load_decomposed(digits_cnn, save_decomposed(opt, tmp_path/'opt.pt')).eval()
+    assert torch.allclose(back(X), opt(X), atol=1e-6) and torch.allclose(back(X), new(X), atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in back.modules())
+    plan = {**decomposition_plan(opt), 'inference_steps': ['quantize']}
+    with pytest.raises(ValueError, match=r"inference_steps \['quantize'\] are unknown"): apply_plan(digits_cnn(), plan)
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_timing_in_the_models_dtype(digits, dtype):
+    "optimize(memory_format='auto') and LatencyAware time a half-precision model on inputs of its dtype (float32 ones failed)"
+    model, X, _ = digits
+    h = decompose_model(model, keep=0.5, quiet=True)[0].to(dtype)
+    assert (optimize(h, X.to(dtype))(X.to(dtype)).float() - h(X.to(dtype)).float()).abs().max() < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        new,_ = decompose_model(model.to(dtype), rank=LatencyAware(), sample=X[:2].to(dtype), quiet=True)
+    assert new(X.to(dtype)).dtype == dtype
