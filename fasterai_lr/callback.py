@@ -178,11 +178,14 @@ class DecomposeCallback(Callback):
         if hasattr(self.learn, 'lr_finder') or not len(self.dls.train): return
         if isinstance(self.learn.opt_func, OptimWrapper): raise TypeError(_PREBUILT)
         if not any(isinstance(m, tuple(LAYER_METHODS)) for m in self.model.modules()): raise ValueError("DecomposeCallback: the model has no nn.Linear or nn.Conv2d layer to decompose (nor any other conv)")
-        left = [dense_layers(unwrap(self.model), l, self.exclude, self.head) for l in self.layers]
-        self._check_ranks(unwrap(self.model), left)
+        self.done = self.learn.__dict__.setdefault('decomposed_stages', {}).setdefault(self, set())   # (a learner's, so that it pickles)
+        stages = [i for i in range(len(self.starts)) if i not in self.done]   # each stage once a learner: fine_tune's second fit trains on
+        if not stages: return
+        left = {i: dense_layers(unwrap(self.model), self.layers[i], self.exclude, self.head) for i in stages}
+        self._check_ranks(unwrap(self.model), list(left.values()))
         n_iter = len(self.dls.train)
-        for i,(e,l) in enumerate(zip(self.starts, left)):
-            at = _start_iter(e, self.n_epoch, n_iter)
+        for i,l in left.items():
+            e,at = self.starts[i],_start_iter(self.starts[i], self.n_epoch, n_iter)
             if at >= self.n_epoch*n_iter:
                 frozen = " (the learner is frozen: in fine_tune's first, frozen fit, the callback decomposes in the unfrozen fit that follows)"
                 hint = frozen if self.opt.frozen_idx else ''
@@ -217,6 +220,7 @@ class DecomposeCallback(Callback):
     def after_fit(self): self.todo = []
 
     def _decompose(self, i):
+        self.done.add(i)
         xb = self.xb[0] if len(self.xb)==1 else self.xb   # (a model of several inputs, fastai's tabular one: all of them)
         x = xb if is_batch(xb) else None
         model = unwrap(self.model)   # under DDP (fastai's distrib_ctx): decompose the module, then wrap it anew

@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/export.html.md"""
 
 # %% ../nbs/09_export.ipynb #449f630f
 from __future__ import annotations
-import copy, importlib.util, pickle, torch, numpy as np
+import copy, importlib.util, inspect, pickle, torch, numpy as np
 from pathlib import Path
 from torch import nn, Tensor
 from .core import *
@@ -125,26 +125,38 @@ def load_decomposed(model, # an undecomposed instance of the architecture, or a 
     return new
 
 # %% ../nbs/09_export.ipynb #6a90fa24
-def to_onnx(model:nn.Module, sample:Tensor, path,
+def _input_dims(model, args, kw, dynamo):
+    "The exporter's dynamic batch dimension of each tensor input in `args` and `kw`"
+    if not dynamo:
+        names = [f'input{i}' if len(args)+len(kw)>1 else 'input' for i in range(len(args)+len(kw))]
+        return dict(input_names=names, output_names=['output'], dynamic_axes={**{n: {0: 'batch'} for n in names}, 'output': {0: 'batch'}})
+    dim = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, Tensor) and v.dim() else None
+    if not kw: return dict(dynamic_shapes=tuple(map(dim, args)))
+    return dict(dynamic_shapes={k: dim(v) for k,v in inspect.signature(model.forward).bind(*args, **kw).arguments.items()})
+
+def to_onnx(model:nn.Module,
+            sample,                    # a batch to trace: a tensor, or a tuple or dict of the model's inputs (fastai's `xb`)
+            path,
             dynamo:bool|None=None,     # torch.export-based exporter (default: where onnxscript is installed), else TorchScript's
             dynamic_batch:bool=True,   # leave the batch size free (unless `kwargs` give their own dynamic_shapes/dynamic_axes)
             **kwargs)->Path:           # passed to `torch.onnx.export`
     "Export `model` in eval mode on `sample` to ONNX at `path`"
     if dynamo is None: dynamo = importlib.util.find_spec('onnxscript') is not None
     if dynamo: kwargs.setdefault('verbose', False)
-    if dynamic_batch and not {'dynamic_shapes','dynamic_axes'} & kwargs.keys():
-        if dynamo: kwargs['dynamic_shapes'] = ({0: torch.export.Dim.AUTO},)
-        else: kwargs = dict(input_names=['input'], output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}},
-                            **kwargs)
+    args,kw = sample_call(model, sample, whole=True)
+    if dynamic_batch and not {'dynamic_shapes','dynamic_axes'} & kwargs.keys(): kwargs = {**_input_dims(model, args, kw, dynamo), **kwargs}
     # not under no_grad: it would send MultiheadAttention to its fused op, which ONNX lacks
-    with evaluating(model): torch.onnx.export(model, (sample,), str(path), dynamo=dynamo, **kwargs)
+    with evaluating(model): torch.onnx.export(model, args, str(path), kwargs=kw or None, dynamo=dynamo, **kwargs)
     return Path(path)
 
-def onnx_error(path, model:nn.Module, sample:Tensor)->float:
-    "Largest difference between onnxruntime's outputs for `sample` and `model`'s (eval mode), relative to the largest output"
+def onnx_error(path, model:nn.Module, sample)->float:
+    "Largest difference between onnxruntime's outputs for `sample` (as `to_onnx` takes it) and `model`'s (eval mode), relative to the largest output"
     import onnxruntime as ort
     s = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    got = s.run(None, {s.get_inputs()[0].name: sample.detach().cpu().numpy()})
-    with evaluating(model), torch.no_grad(): ref = [t.detach().cpu().float().numpy() for t in output_tensors(model(sample))]
+    args,kw = sample_call(model, sample, whole=True)
+    ins, names = [t for t in (*args, *kw.values()) if isinstance(t, Tensor)], [i.name for i in s.get_inputs()]
+    if len(ins)!=len(names): raise ValueError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}) and the sample holds {len(ins)} tensors")
+    got = s.run(None, {n: t.detach().cpu().numpy() for n,t in zip(names, ins)})
+    with evaluating(model), torch.no_grad(): ref = [t.detach().cpu().float().numpy() for t in output_tensors(model(*args, **kw))]
     if len(got)!=len(ref): raise ValueError(f"the ONNX model has {len(got)} outputs and the model {len(ref)}")
     return max(float(np.abs(g-r).max()/max(np.abs(r).max(), 1e-30)) for g,r in zip(got, ref))

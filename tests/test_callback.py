@@ -10,7 +10,7 @@ from fastai.optimizer import Adam, SGD, OptimWrapper
 from fastai.torch_core import set_seed, trainable_params
 from fasterai_lr.layers import Factorized
 from fasterai_lr.decompose import decompose_model, RankRule, ModelBudget, Calibrator
-from fasterai_lr.ranks import VBMF
+from fasterai_lr.ranks import VBMF, Budget
 from fasterai_lr.callback import DecomposeCallback, dense_layers
 from fasterai_lr.cli import digits_dls, digits_learner
 
@@ -221,9 +221,26 @@ def test_reusable_across_fits(dls):
     check_swaps(pa, case='first learner'); check_swaps(pb, case='second learner')
     assert cb.totals.params[0] == n_b, "the totals should be the second learner's"
     model = a.model
-    pa = Probe()
-    warns(lambda: fit(a, 2, 1e-3, cbs=[cb, pa]), 'no layer left to decompose')
+    fit(a, 2, 1e-3, cbs=[cb, pa := Probe()])
     assert a.model is model and not pa.swaps, "a second fit on a decomposed model should train it as it is"
+
+@pytest.mark.parametrize('how', ['persistent', 'fine_tune'])
+def test_each_stage_once_a_learner(dls, tmp_path, how):
+    """Two fits with the callback on one learner (it is in the learner's cbs, or fine_tune runs its frozen and unfrozen fits with it): the
+    model is decomposed once, in the fit its start falls in; the next fit trains it as it is, with no warning, and a budget is not spent
+    again on the layers it left"""
+    cb = DecomposeCallback(0.5, rank=Budget(params=0.4), calib=True, verbose=False)
+    learn = learner(dls, cbs=cb if how=='persistent' else None, path=tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        if how=='persistent': fit(learn, 1, 1e-3); model = learn.model; fit(learn, 2, 1e-3, how='fit_one_cycle')
+        else: fit(learn, 2, how='fine_tune', freeze_epochs=1, cbs=cb)
+    assert len(cb.totals)==1 and cb.totals.params_after[0]==sum(p.numel() for p in learn.model.parameters()), cb.totals
+    assert how!='persistent' or learn.model is model
+    assert not [o for o in w if 'DecomposeCallback' in str(o.message) or 'cannot be met' in str(o.message)], [str(o.message) for o in w]
+    if how=='persistent': learn.export(tmp_path/'learn.pkl')   # (the learner, callback and all, still pickles)
+    fit(other := learner(dls), 1, 1e-3, cbs=cb)                # another learner: decomposed afresh
+    assert any(isinstance(m, Factorized) for m in other.model.modules())
 
 def test_idle_in_lr_find_validate_get_preds(dls, tmp_path):
     learn = learner(dls, cbs=DecomposeCallback(0, verbose=False), path=tmp_path)  # lr_find saves a model there

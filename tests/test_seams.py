@@ -133,6 +133,17 @@ def test_callback_mac_budget_on_a_model_of_two_inputs(tabular):
     t = cb.totals.iloc[0]
     assert t.decomposed > 0 and t.macs_after <= 0.5*t.macs
 
+@pytest.mark.parametrize('dynamo', [True, False])
+def test_onnx_export_of_a_model_of_two_inputs(tabular, tmp_path, dynamo):
+    "to_onnx/onnx_error take the tuple or dict of inputs (fastai's xb): one ONNX input each, the batch left free"
+    dls, learn = tabular
+    xb = dls.one_batch()[:2]
+    new,_ = decompose_model(learn.model, 'svd', keep=0.5, sample=xb, quiet=True)
+    for s in (xb, dict(x_cat=xb[0], x_cont=xb[1])):
+        path = to_onnx(new, s, tmp_path/'tab.onnx', dynamo=dynamo)
+        assert onnx_error(path, new, s) < 1e-5 and onnx_error(path, new, tuple(v[:3] for v in xb)) < 1e-5
+    with pytest.raises(ValueError, match='takes 2 inputs'): onnx_error(path, new, xb[1])
+
 def test_sequential_calibration_of_a_stateful_model():
     """Calibration(sequential=True) runs its batches side by side: fastai's AWD_LSTM keeps its hidden state on the module, so each batch
     runs through modules of its own (a last, smaller batch crashed; equal ones raced)"""
