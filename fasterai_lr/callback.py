@@ -18,7 +18,7 @@ from .core import _is_int, _is_real, _py
 from .factorize import ROUND_TO
 from .layers import rank_option, NOT_CP
 from torch.nn.parallel import DistributedDataParallel as DDP
-from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, ModelBudget, Calibrator
+from .decompose import FC_Decomposer, Conv_Decomposer, decompose_model, report_totals, skip_reason, AUTO, RankRule, ModelBudget, Calibrator, candidates
 from .decompose import _check_rule, _round, _check_rank_dict, _check_model_rank, _layer_choice, first_names
 from .calibrate import Calibration
 from .ranks import n_params, model_macs, VBMF
@@ -182,7 +182,7 @@ class DecomposeCallback(Callback):
         stages = [i for i in range(len(self.starts)) if i not in self.done]   # each stage once a learner: fine_tune's second fit trains on
         if not stages: return
         left = {i: dense_layers(unwrap(self.model), self.layers[i], self.exclude, self.head) for i in stages}
-        self._check_ranks(unwrap(self.model), list(left.values()))
+        self._check_ranks(unwrap(self.model), left)
         n_iter = len(self.dls.train)
         for i,l in left.items():
             e,at = self.starts[i],_start_iter(self.starts[i], self.n_epoch, n_iter)
@@ -197,13 +197,15 @@ class DecomposeCallback(Callback):
             self.report,self.totals = pd.DataFrame(),pd.DataFrame()
             if hasattr(self.learn, 'recorder'): self.learn.recorder.decompositions = self.totals
 
-    def _check_ranks(self, model:nn.Module, left:list):
-        """Refuse now, not after the dense epochs, what the walk would refuse at the swap: a rank plan's unknown names or bad ranks, a rank
-        at or above every layer's full rank, energy= or VBMF where CP would take a layer"""
+    def _check_ranks(self, model:nn.Module, left:dict):
+        """Refuse now, not after the dense epochs, what the walk would refuse at the swap: a whole-model budget no plan meets, a rank plan's
+        unknown names or bad ranks, a rank at or above every layer's full rank, energy= or VBMF where CP would take a layer"""
         mods,rank = dict(model.named_modules()),self.opts['rank']
+        if isinstance(rank, ModelBudget):   # (an unmeetable budget: on any weights. A later stage's is only harder: refused there too)
+            for i in left: rank.check(model, candidates(model, self.method, rank.sample, self.layers[i], self.exclude, self.head))
         plan = first_names(rank, model) if isinstance(rank, dict) else None
         if plan is not None: _check_rank_dict(plan, mods)
-        cands = [[(n, mods[n], layer_method(mods[n], self.method), None) for ns in l.values() for n in ns] for l in left]
+        cands = [[(n, mods[n], layer_method(mods[n], self.method), None) for ns in l.values() for n in ns] for l in left.values()]
         if plan is not None or self.rank_opt=='rank':   # explicit ranks: each checked against its layer, as the walk will
             for c in cands:
                 if self.rank_opt=='rank' and c: _check_model_rank(self.rank_v, c)

@@ -394,6 +394,9 @@ class ModelBudget(RankRule):
         if sample is None and (sample := calib_sample(calib)) is not None: probe(model, calib=calib)   # (a batch it cannot take: said so)
         return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
 
+    def check(self, model:nn.Module, candidates:list, sample=None):
+        "Refuse now what `ranks` would for the `candidates`' costs alone, with no data and no timing (nothing by default)"
+
 class Calibrator:
     "What `calib=` takes (e.g. `Calibration`): data-aware factors for the layers about to be decomposed"
     def prepare(self, model:nn.Module, names:list):

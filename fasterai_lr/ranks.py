@@ -487,6 +487,21 @@ def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tupl
     return every, total, _uncovered(total, every, self.by), {}
 
 @patch
+def _met(self:Budget, least:float):
+    "Refuse a budget under the `least` share of the model a plan can keep"
+    if least > self.keep: raise ValueError(f"{self!r} cannot be met: with every decomposable layer at its smallest rank the model keeps {least:.1%} of its {self.by}; "
+                                           f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
+
+@patch
+def check(self:Budget, model:nn.Module, candidates:list, sample=None):
+    """Refuse now a budget no plan of the `candidates` [(name, layer, method, shapes)] meets, from their costs alone: what `ranks` would
+    refuse on any weights (a MAC budget needs `sample` or the candidates' shapes; without them it waits for `ranks`)"""
+    sample = sample if sample is not None else self.sample
+    if self.by=='macs' and sample is None and any(s is None for *_,s in candidates): return
+    total,every = model_total(model, candidates, self.by, sample),layer_curves(candidates, self.round_to or 1, self.res)
+    self._met(least_share(total, _uncovered(total, every, self.by), every, self.by))
+
+@patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
     """{layer name: rank, or (method, rank) for method='auto'} for the `candidates` [(name, layer, method, shapes)] of `model` that meets
     the budget"""
@@ -496,9 +511,7 @@ def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None
         raise ValueError(f"weights= names {bad[0]!r}, which is not a module of the model; pass names as in model.named_modules(), e.g. {[n for n,*_ in candidates][:3]}")
     curves,total,fixed,slow = self._guarded(model, candidates, sample, calib)
     _weigh(curves, self.weights)
-    least = least_share(total, fixed, curves, self.by)
-    if least > self.keep: raise ValueError(f"{self!r} cannot be met: with every decomposable layer at its smallest rank the model keeps {least:.1%} of its {self.by}; "
-                                           f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
+    self._met(least_share(total, fixed, curves, self.by))
     limit = self.keep*total - fixed
     pick = allocate(curves, limit, self.by, self.alloc)
     self.checked = self.chosen = None

@@ -412,3 +412,17 @@ def test_vision_learner_fine_tune():
     assert probe.groups0 == 3 and learn.opt.frozen_idx == 0
     assert sum(isinstance(m, Factorized) for m in learn.model.modules()) == 21, "every conv and linear of ResNet-18 and fastai's head, but the output layer"
     assert type(learn.model[1][-1]) is nn.Linear, f"the output layer should be kept: {learn.model[1][-1]!r}"
+
+@pytest.mark.parametrize('budget', [Budget(params=0.02), Budget(params=0.02, round_to=8), Budget(macs=0.02, sample=(1, 8, 8))])
+def test_unmeetable_budget_refused_before_training(dls, budget):
+    "A budget no plan meets (on any weights) is refused before the first training batch, model untouched, with the figure the swap would give"
+    learn = learner(dls)
+    model, w, seen = learn.model, {k: v.clone() for k,v in learn.model.state_dict().items()}, []
+    class Count(Callback):
+        def after_batch(self): seen.append(1)
+    with pytest.raises(ValueError, match='cannot be met') as e: fit(learn, 2, 1e-3, cbs=[DecomposeCallback(1, rank=budget), Count()])
+    assert not seen and learn.model is model and all(torch.equal(v, model.state_dict()[k]) for k,v in w.items())
+    with pytest.raises(ValueError) as at_swap: decompose_model(model, 'tucker', rank=budget, quiet=True)
+    assert str(at_swap.value) in str(e.value)
+    fit(learn, 2, 1e-3, cbs=DecomposeCallback(1, rank=Budget(**{budget.by: 0.5}, sample=budget.sample), verbose=False))   # one it can meet: no refusal
+    assert any(isinstance(m, Factorized) for m in learn.model.modules())
