@@ -202,7 +202,7 @@ class DecomposeCallback(Callback):
         unknown names or bad ranks, a rank at or above every layer's full rank, energy= or VBMF where CP would take a layer"""
         mods,rank = dict(model.named_modules()),self.opts['rank']
         if isinstance(rank, ModelBudget):   # (an unmeetable budget: on any weights. A later stage's is only harder: refused there too)
-            for i in left: rank.check(model, candidates(model, self.method, rank.sample, self.layers[i], self.exclude, self.head))
+            for i in left: rank.check_costs(model, candidates(model, self.method, rank.sample, self.layers[i], self.exclude, self.head))
         plan = first_names(rank, model) if isinstance(rank, dict) else None
         if plan is not None: _check_rank_dict(plan, mods)
         cands = [[(n, mods[n], layer_method(mods[n], self.method), None) for ns in l.values() for n in ns] for l in left.values()]

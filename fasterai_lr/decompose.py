@@ -394,7 +394,7 @@ class ModelBudget(RankRule):
         if sample is None and (sample := calib_sample(calib)) is not None: probe(model, calib=calib)   # (a batch it cannot take: said so)
         return self.ranks(model, candidates(model, method, sample, layers, exclude, head, calib), sample, calib)
 
-    def check(self, model:nn.Module, candidates:list, sample=None):
+    def check_costs(self, model:nn.Module, candidates:list, sample=None):
         "Refuse now what `ranks` would for the `candidates`' costs alone, with no data and no timing (nothing by default)"
 
 class Calibrator:

@@ -35,13 +35,10 @@ def decomposition_plan(model:nn.Module)->dict:
     layers,owner,whole = {},{},[]
     for n,m in unwrap(model).named_modules():
         if not isinstance(m, DECOMPOSED) or under(n, whole): continue   # (a factorized attention's factors: in its entry)
-        if getattr(m, 'merged', False):
-            raise ValueError(f"{n!r}: a factor of this block was merged with a neighbouring layer (optimize() or merge_linear: an inference copy), "
-                             "so it is no longer its method at its rank; save the plan of the model before optimize(), and optimize after loading")
         if isinstance(m, FactorizedModule):
             layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source); whole.append(n); continue
         layers[n] = dict(method=m.method, rank=_rank_json(m.rank), source=m.source)
-        if (leader := owner.setdefault(id(m[0].weight), n)) != n: layers[n]['tied'] = leader   # tied layers: one factor pair, the leader's
+        if (w := getattr(m[0], 'weight', None)) is not None and (leader := owner.setdefault(id(w), n)) != n: layers[n]['tied'] = leader   # tied layers: one factor pair
     if steps := getattr(unwrap(model), 'inference_steps', []):   # (folds and merges since: the loader redoes them on the architecture)
         return dict(format=PLAN_FORMAT, version=PLAN_VERSION, layers=layers, inference_steps=list(steps))
     return dict(format=PLAN_FORMAT, version=2 if any('tied' in e for e in layers.values()) else 1, layers=layers)

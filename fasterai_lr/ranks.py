@@ -493,7 +493,7 @@ def _met(self:Budget, least:float):
                                            f"ask for at least {self.by}={math.ceil(least*100)/100} (or, with decompose_model, pass rank=budget.plan(model, method) so Linear and Conv2d layers share it)")
 
 @patch
-def check(self:Budget, model:nn.Module, candidates:list, sample=None):
+def check_costs(self:Budget, model:nn.Module, candidates:list, sample=None):
     """Refuse now a budget no plan of the `candidates` [(name, layer, method, shapes)] meets, from their costs alone: what `ranks` would
     refuse on any weights (a MAC budget needs `sample` or the candidates' shapes; without them it waits for `ranks`)"""
     sample = sample if sample is not None else self.sample

@@ -29,16 +29,21 @@ def test_sweep_fits_the_factors_with_the_calibration(digits, by):
     with pytest.raises(ValueError, match="alloc= shape a Budget, and by='keep' uses none"):
         sweep(model, lambda m: 0., X[:8], fractions=(0.4,), by='keep', latency=False, alloc='greedy')
 
-def test_plan_of_an_optimized_model_is_refused():
-    "merge_linear folds a neighbour into a block's factor: the block is no longer its method at its rank, and its plan says so"
+def test_plan_of_a_merged_model(tmp_path):
+    """merge_linear folds a neighbour into a block's factor: the plan keeps the block's method and rank with the step, and the loader
+    rebuilds the block, redoes the merge and loads the merged weights"""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    make = lambda: nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    model = make()
     new,_ = decompose_model(model, 'svd', rank={'1': 4}, quiet=True)
     opt = optimize(new, memory_format=torch.contiguous_format)
     x = torch.randn(3, 64)
-    assert torch.allclose(opt(x), new(x), atol=1e-5)
-    with pytest.raises(ValueError, match="'1': a factor of this block was merged with a neighbouring layer"): decomposition_plan(opt)
-    assert decomposition_plan(new)['layers']=={'1': {'method': 'svd', 'rank': 4, 'source': 'Linear(64, 32)'}}
+    assert torch.allclose(opt(x), new(x), atol=1e-5) and isinstance(opt[1][0], nn.Identity), opt   # (the block's first factor merged into '0')
+    plan = decomposition_plan(opt)
+    assert plan['layers']=={'1': {'method': 'svd', 'rank': 4, 'source': 'Linear(64, 32)'}} and plan['inference_steps']==['merge_linear']
+    back = load_decomposed(make, save_decomposed(opt, tmp_path/'m.pt'))
+    assert torch.allclose(back(x), opt(x), atol=1e-6) and str(back)==str(opt)
+    assert decomposition_plan(back)==plan
 
 def test_roofline_at_the_batch_asked():
     "roofline(batch=8, speed=...): the ceiling's time at batch 8 whatever batch the SpeedModel was made for; bad input refused"
