@@ -122,14 +122,17 @@ def load_decomposed(model, # an undecomposed instance of the architecture, or a 
     return new
 
 # %% ../nbs/09_export.ipynb #6a90fa24
+def _inputs(model, args, kw)->dict:
+    "`model`'s inputs in `args` and `kw` by parameter name, in its forward's order (the exported model's input order)"
+    return inspect.signature(model.forward).bind(*args, **kw).arguments
+
 def _input_dims(model, args, kw, dynamo):
     "The exporter's dynamic batch dimension of each tensor input in `args` and `kw`"
-    if not dynamo:
-        names = [f'input{i}' if len(args)+len(kw)>1 else 'input' for i in range(len(args)+len(kw))]
-        return dict(input_names=names, output_names=['output'], dynamic_axes={**{n: {0: 'batch'} for n in names}, 'output': {0: 'batch'}})
-    dim = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, Tensor) and v.dim() else None
-    if not kw: return dict(dynamic_shapes=tuple(map(dim, args)))
-    return dict(dynamic_shapes={k: dim(v) for k,v in inspect.signature(model.forward).bind(*args, **kw).arguments.items()})
+    ins = _inputs(model, args, kw)
+    if dynamo: return dict(dynamic_shapes={k: {0: torch.export.Dim.AUTO} if isinstance(v, Tensor) and v.dim() else None for k,v in ins.items()})
+    names = [k for k,v in ins.items() if isinstance(v, Tensor)]
+    names = ['input'] if len(names)==1 else names
+    return dict(input_names=names, output_names=['output'], dynamic_axes={**{n: {0: 'batch'} for n in names}, 'output': {0: 'batch'}})
 
 def to_onnx(model:nn.Module,
             sample,                    # a batch to trace: a tensor, or a tuple or dict of the model's inputs (fastai's `xb`)
@@ -151,7 +154,8 @@ def onnx_error(path, model:nn.Module, sample)->float:
     import onnxruntime as ort
     s = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     args,kw = sample_call(model, sample, whole=True)
-    ins, names = [t for t in (*args, *kw.values()) if isinstance(t, Tensor)], [i.name for i in s.get_inputs()]
+    named,names = _inputs(model, args, kw),[i.name for i in s.get_inputs()]
+    ins = [named[n] for n in names] if set(names) <= named.keys() else output_tensors(list(named.values()))   # by name, else in order
     if len(ins)!=len(names): raise ValueError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}) and the sample holds {len(ins)} tensors")
     got = s.run(None, {n: t.detach().cpu().numpy() for n,t in zip(names, ins)})
     with evaluating(model), torch.no_grad(): ref = [t.detach().cpu().float().numpy() for t in output_tensors(model(*args, **kw))]

@@ -20,7 +20,7 @@ from .decompose import _check_calib, _plan_rank, _round
 # %% auto #0
 __all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
            'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'SpeedModel', 'slow_options',
-           'fast_curves', 'Budget', 'model_total', 'model_totals', 'least_share', 'candidates']
+           'fast_curves', 'Budget', 'model_total', 'model_totals', 'least_share', 'least_kept', 'candidates']
 
 # %% ../nbs/04_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -434,6 +434,10 @@ def least_share(total:float, fixed:float, curves:list[Curve], by:str)->float:
     "The least share of `total` a plan can cost: the `fixed` part, and every curve at its cheapest option"
     return (fixed + sum(c.cost(by).min() for c in curves))/total
 
+def least_kept(total:float, curves:list[Curve], by:str)->float:
+    "The least share of a model that costs `total` a plan of `curves` can keep, what they do not cover at its full cost"
+    return least_share(total, _uncovered(total, curves, by), curves, by)
+
 def _weigh(curves, weights):
     for c in curves:
         for k,w in (weights or {}).items():
@@ -473,7 +477,7 @@ def _guarded(self:Budget, model:nn.Module, candidates:list, sample, calib)->tupl
     """(curves, the model's cost, the cost outside them, {layer: note}): without the options `speed` models slower than their layer, unless
     the budget cannot be met then (a warning says so, the report marks them)"""
     total,prep = model_total(model, candidates, self.by, sample),_prepare(calib, model, candidates)
-    least = lambda cs: least_share(total, _uncovered(total, cs, self.by), cs, self.by)
+    least = lambda cs: least_kept(total, cs, self.by)
     every = layer_curves(candidates, self.round_to, self.res, prep)
     self.aligned = None if self.round_to is not None else bool(least(every) <= self.keep)   # (False: the default's aligned ranks cannot
     if self.aligned is False: every = layer_curves(candidates, 1, self.res, prep)             #  meet the budget: any rank)
@@ -499,7 +503,7 @@ def check_costs(self:Budget, model:nn.Module, candidates:list, sample=None):
     sample = sample if sample is not None else self.sample
     if self.by=='macs' and sample is None and any(s is None for *_,s in candidates): return
     total,every = model_total(model, candidates, self.by, sample),layer_curves(candidates, self.round_to or 1, self.res)
-    self._met(least_share(total, _uncovered(total, every, self.by), every, self.by))
+    self._met(least_kept(total, every, self.by))
 
 @patch
 def ranks(self:Budget, model:nn.Module, candidates:list, sample=None, calib=None)->dict:

@@ -144,7 +144,7 @@ def test_onnx_export_of_a_model_of_two_inputs(tabular, tmp_path, dynamo):
     dls, learn = tabular
     xb = dls.one_batch()[:2]
     new,_ = decompose_model(learn.model, 'svd', keep=0.5, sample=xb, quiet=True)
-    for s in (xb, dict(x_cat=xb[0], x_cont=xb[1])):
+    for s in (xb, dict(x_cat=xb[0], x_cont=xb[1]), dict(x_cont=xb[1], x_cat=xb[0])):   # (a dict in any order)
         path = to_onnx(new, s, tmp_path/'tab.onnx', dynamo=dynamo)
         assert onnx_error(path, new, s) < 1e-5 and onnx_error(path, new, tuple(v[:3] for v in xb)) < 1e-5
     with pytest.raises(ValueError, match='takes 2 inputs'): onnx_error(path, new, xb[1])
