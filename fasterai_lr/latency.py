@@ -575,6 +575,9 @@ def ranks(self:LatencyBudget, model:nn.Module, candidates:list, sample=None, cal
     if least > limit: raise ValueError(f"{self!r} cannot be met: the layers' fastest options leave {(b.fixed+b.s*least)/b.T0:.0%} of the latency "
                                        f"({b.T0/(b.fixed+b.s*least):.2f}× at most); ask for less, or offer smaller fractions (fracs=) or more methods")
     pick,plan = _allocate(self, model, curves, x, b, limit, least)
+    if not plan and self.baseline=='given': warnings.warn(
+        f"{self!r} is met with no layer decomposed: the dense model as `optimize` runs it already takes {b.T_dense/b.T_given:.0%} of the "
+        "model as given. `optimize(model)` gives that speed; pass baseline='as_run' to ask the decomposition for a speed-up of its own")
     self.report = _latency_report(curves, pick)
     self.T_given,self.T_dense = b.T_given,b.T_dense
     return plan

@@ -18,9 +18,10 @@ from .layers import _kernel_2d
 from .decompose import _check_calib, _plan_rank, _round
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve', 'layer_curves',
-           'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'SpeedModel', 'slow_options',
-           'fast_curves', 'Budget', 'model_total', 'model_totals', 'least_share', 'least_kept', 'candidates']
+__all__ = ['FRACTIONS', 'evbmf_rank', 'vbmf_rank', 'spectrum_rank', 'VBMF', 'rank_grid', 'rank_errors', 'Curve', 'layer_curve',
+           'layer_curves', 'allocate', 'curve_plan', 'uniform_pick', 'model_macs', 'n_params', 'SpeedModel',
+           'slow_options', 'fast_curves', 'Budget', 'model_total', 'model_totals', 'least_share', 'least_kept',
+           'candidates']
 
 # %% ../nbs/04_ranks.ipynb #dce244e3
 def _tau(x:Tensor, a:float)->Tensor: return 0.5*(x-(1+a) + ((x-(1+a))**2 - 4*a).clamp_min(0).sqrt())
@@ -60,7 +61,10 @@ def vbmf_rank(M:Tensor,            # a matrix, or matrices stacked over leading 
     if X.shape[0] > X.shape[1]: X = X.mT
     L,N = X.shape
     if L <= 1: return 1
-    s = singular_values_sq(X, exact=True).sqrt()
+    return spectrum_rank(singular_values_sq(X, exact=True).sqrt(), L, N, energy, eps)
+
+def spectrum_rank(s:Tensor, L:int, N:int, energy:float=0.9, eps:float=0.)->int:
+    "VBMF rank from the singular values `s` (largest first) of an L×N matrix (L ≤ N): at least 1, with a warned fallback to `energy`"
     if not s[0] > 0: return 1
     # exactly low rank: rounding is the noise (the dtype's, or the Gram's: √eps of float64), and log x stays finite
     s = s.clamp_min(s[0]*max(N*eps, 1e-7))
@@ -76,8 +80,9 @@ class VBMF(RankRule):
     def __init__(self, energy:float=0.9, # the energy rule to fall back to where the noise cannot be estimated
                  round_to:int=1):        # round ranks up to a multiple of it (capped at the full rank), e.g. ROUND_TO
         self.energy,self.round_to = _energy(energy),_round(round_to)
-    def rank(self, layer:nn.Module, method:str):
-        "The VBMF rank of `layer` for `method` (an attention: {projection: rank} of those it shrinks; of all four where it shrinks none)"
+    def rank(self, layer:nn.Module, method:str, calib=None, name:str=''):
+        """The VBMF rank of `layer` for `method` (an attention: {projection: rank} of those it shrinks; of all four where it shrinks none); with
+        `calib` (prepared on the model), an SVD's from the layer's outputs on that data"""
         if isinstance(layer, nn.MultiheadAttention):
             lins = projections(layer)
             rs = {p: self.rank(l, 'svd') for p,l in lins.items()}
@@ -85,10 +90,21 @@ class VBMF(RankRule):
         K,full = _kernel_2d(layer),layer_full_ranks(layer)[method]   # (the SVD and Tucker-2 matrices of a 2-D kernel)
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
         if method=='tucker': return tuple(round_rank_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
-        return round_rank_up(vbmf_rank(svd_matrix(K, method), self.energy), self.round_to, full)
+        M = svd_matrix(K, method)
+        s = _output_spectrum(calib, name, layer, full) if method=='svd' and calib is not None else None
+        r = vbmf_rank(M, self.energy) if s is None else spectrum_rank(s, *sorted(M.shape[-2:]), self.energy)
+        return round_rank_up(r, self.round_to, full)
     def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
-        "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model`"
-        return {n: self.rank(l, m) for n,l,m,_ in candidates}
+        "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model` (an SVD's from its outputs on `calib`'s data)"
+        if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
+        return {n: self.rank(l, m, calib, n) for n,l,m,_ in candidates}
+
+def _output_spectrum(calib, name:str, layer:nn.Module, full:int)->Tensor|None:
+    """The singular values of W·S (S: the square root of the layer's input Gram on `calib`'s data), up to scale, from its SVD's output
+    errors at every rank; None where the data cannot give them (a layer it fits weight-only, one no data reached)"""
+    e = np.asarray(calib.rank_errors(name, layer, 'svd', list(range(full+1))), float)
+    if not np.isfinite(e).all() or not e[0] > 0: return None
+    return torch.from_numpy(np.sqrt(np.clip(-np.diff(e), 0, None)))
 
 # %% ../nbs/04_ranks.ipynb #5cabfc77
 def rank_grid(full:int, round_to:int=1, n:int=64)->list[int]:

@@ -187,6 +187,22 @@ def test_latency_budget_meets_budget(keep, check, baseline):
     assert lb.achieved <= keep + 1e-9 and abs(lb.estimate - t1/t0) < 1e-6, f"{case}: achieved {lb.achieved}, estimate {lb.estimate}, real {t1/t0}"
     assert t1/t0 > keep - 0.15, f"{case}: {t1/t0:.3f}, far under the budget (the allocation wastes error)"
 
+def test_latency_budget_met_by_folding_alone_says_so():
+    "A budget the folded dense model meets by itself leaves every layer whole, and says so: optimize() gives that speed, or baseline='as_run'"
+    import warnings
+    m, x = cnn(), torch.randn(1, 3, 16, 16)
+    bns = lambda m: sum(isinstance(c, nn.BatchNorm2d) for c in m.modules())
+    timer = lambda mods, x: [t + 1e-3*bns(m) for t,m in zip(mac_timer(mods, x), mods)]   # a BatchNorm costs 1 ms: folding pays
+    t_given,t_dense = timer([m, fold_bn(copy.deepcopy(m))], x)
+    keep = (1 + t_dense/t_given)/2                                       # looser than what folding alone gives
+    with pytest.warns(UserWarning, match=r"met with no layer decomposed.*optimize\(model\).*baseline='as_run'"):
+        dec,rep = decompose_model(m, rank=LatencyBudget(keep=keep, timer=timer, cache=LatencyCache()), sample=(3, 16, 16), quiet=True)
+    assert rep['method'].isna().all(), rep
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                   # as_run: the decomposition's own speed-up, no such warning
+        dec,rep = decompose_model(m, rank=LatencyBudget(keep=keep, timer=timer, cache=LatencyCache(), baseline='as_run'), sample=(3, 16, 16), quiet=True)
+    assert rep['method'].notna().any(), rep
+
 def test_latency_budget_speedup_and_limits():
     m = cnn()
     a = LatencyBudget(speedup=2, timer=mac_timer, cache=LatencyCache())
