@@ -637,6 +637,31 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
     err = lambda r: ((WS - fit(r)@S).square().sum()/WS.square().sum()).item()
     return np.array([err(r) for r in ranks])
 
+
+@patch
+def spectra(self:Calibration, name:str, layer:nn.Module, method:str)->list|None:
+    """What `ranks.VBMF` reads of `layer` on the calibration data: per rank of `method`, the singular values (up to scale) of the matrix
+    whose noise level gives it, and that matrix's shape. SVD: those of W·S (its outputs; from the output errors at every rank, a grouped
+    conv's groups summed); Tucker-2: those of its outputs (the output Gram) and of its input-channel unfolding K₍₁₎ whitened by the input
+    channels' Gram, Cin^½·K₍₁₎. None where the data cannot give them (a layer fitted weight-only, no data, a grouped Tucker)"""
+    if method not in ('svd', 'tucker') or not self.takes(layer): return None
+    W = kernel(layer)
+    if method=='svd':
+        full = min(W.shape[1], W[0,0].numel())
+        e = np.asarray(self.rank_errors(name, layer, 'svd', list(range(full+1))), float)
+        if not np.isfinite(e).all() or not e[0] > 0: return None
+        return [(torch.from_numpy(np.sqrt(np.clip(-np.diff(e), 0, None))), *sorted((W.shape[1], W[0,0].numel())))]
+    if W.shape[0] > 1 or stat_kind(layer, 'tucker')!='chan': return None
+    names = self.names if name in self.names else [name]
+    st = self.collect(kinds=[(n, stat_kind(self.ref_mods[n], 'tucker')) for n in names]).stats[(name, 'chan')]
+    if st.rows==0: return None
+    O,I = W.shape[1:3]
+    lam,V = torch.linalg.eigh(st.Cin[0])
+    K1 = unfold(W[0].double(), 1)                                                  # I × O·k…
+    s_in = torch.linalg.svdvals((V*lam.clamp_min(0).sqrt())@V.mT@K1)
+    s_out = torch.linalg.eigvalsh(st.Cout[0]).flip(0).clamp_min(0).sqrt()[:min(O, I*W[0,0,0].numel())]
+    return [(s_out, *sorted((O, I*W[0,0,0].numel()))), (s_in, *sorted(K1.shape))]
+
 def _first(batch, n:int|None):
     "The first `n` samples of a batch (args, kwargs): every tensor cut along its first dim"
     cut = lambda v: v[:n] if isinstance(v, Tensor) and v.ndim and n else v

@@ -82,29 +82,21 @@ class VBMF(RankRule):
         self.energy,self.round_to = _energy(energy),_round(round_to)
     def rank(self, layer:nn.Module, method:str, calib=None, name:str=''):
         """The VBMF rank of `layer` for `method` (an attention: {projection: rank} of those it shrinks; of all four where it shrinks none); with
-        `calib` (prepared on the model), an SVD's from the layer's outputs on that data"""
+        `calib` (prepared on the model), an SVD's or Tucker-2's from what the layer computes on that data (`Calibration.spectra`)"""
         if isinstance(layer, nn.MultiheadAttention):
             lins = projections(layer)
             rs = {p: self.rank(l, 'svd') for p,l in lins.items()}
             return {p: r for p,r in rs.items() if r*sum(lins[p].weight.shape) < lins[p].weight.numel()} or rs
         K,full = _kernel_2d(layer),layer_full_ranks(layer)[method]   # (the SVD and Tucker-2 matrices of a 2-D kernel)
         if method=='cp': raise ValueError("VBMF gives no CP rank (CP has no matrix to estimate it on); pass rank=Budget(...) or keep= for CP")
-        if method=='tucker': return tuple(round_rank_up(vbmf_rank(unfold(K, i), self.energy), self.round_to, f) for i,f in enumerate(full))
-        M = svd_matrix(K, method)
-        s = _output_spectrum(calib, name, layer, full) if method=='svd' and calib is not None else None
-        r = vbmf_rank(M, self.energy) if s is None else spectrum_rank(s, *sorted(M.shape[-2:]), self.energy)
-        return round_rank_up(r, self.round_to, full)
+        sp = calib.spectra(name, layer, method) if calib is not None else None   # (the data's: None where it cannot give them)
+        mats = [unfold(K, 0), unfold(K, 1)] if method=='tucker' else [svd_matrix(K, method)]
+        rs = [vbmf_rank(M, self.energy) if sp is None else spectrum_rank(*sp[i], self.energy) for i,M in enumerate(mats)]
+        return tuple(round_rank_up(r, self.round_to, f) for r,f in zip(rs, full)) if method=='tucker' else round_rank_up(rs[0], self.round_to, full)
     def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
-        "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model` (an SVD's from its outputs on `calib`'s data)"
+        "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model` (an SVD's or Tucker-2's on `calib`'s data)"
         if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
         return {n: self.rank(l, m, calib, n) for n,l,m,_ in candidates}
-
-def _output_spectrum(calib, name:str, layer:nn.Module, full:int)->Tensor|None:
-    """The singular values of W·S (S: the square root of the layer's input Gram on `calib`'s data), up to scale, from its SVD's output
-    errors at every rank; None where the data cannot give them (a layer it fits weight-only, one no data reached)"""
-    e = np.asarray(calib.rank_errors(name, layer, 'svd', list(range(full+1))), float)
-    if not np.isfinite(e).all() or not e[0] > 0: return None
-    return torch.from_numpy(np.sqrt(np.clip(-np.diff(e), 0, None)))
 
 # %% ../nbs/04_ranks.ipynb #5cabfc77
 def rank_grid(full:int, round_to:int=1, n:int=64)->list[int]:

@@ -254,14 +254,25 @@ def test_vbmf_with_calib_is_vbmf_of_the_whitened_kernel(kind):
     assert rank == spectrum_rank(s2.sqrt(), *sorted(W.shape[1:])), kind
     assert 1 < rank < min(W.shape[1:]), (kind, rank)                                                     # (neither end: a real estimate)
 
-def test_vbmf_with_calib_keeps_tucker_and_weight_only_layers_on_the_weights():
-    "Tucker-2 ranks still come from the kernel's unfoldings (Kim et al.), and a layer the calibration cannot fit from its weights"
-    from fasterai_lr.ranks import VBMF
+@pytest.mark.parametrize('conv', [nn.Conv2d(8, 24, 3, padding=1), nn.Conv2d(8, 24, (3, 5), stride=2, padding=(1, 2), dilation=(1, 2), bias=False)])
+def test_vbmf_with_calib_tucker_ranks_by_outputs_and_whitened_inputs(conv):
+    """Tucker-2 with calib: r_out from the outputs' spectrum, r_in from the input-channel unfolding whitened by the inputs' channel Gram
+    (Cin^½·K₍₁₎), both computed here from the data; spatial SVD and a layer fitted weight-only still read the weights"""
+    from fasterai_lr.ranks import VBMF, spectrum_rank
+    from fasterai_lr.factorize import unfold
     torch.manual_seed(0)
-    m = cnn()
-    cands = candidates(m, 'tucker', sample=DATA[0][:1])
-    convs = [c for c in cands if c[2]=='tucker']; assert convs
-    assert VBMF().ranks(m, convs, calib=Calibration(DATA)) == {n: VBMF().rank(l, meth) for n,l,meth,_ in convs}
+    X = _low_rank_inputs(16*100, 8, 3).view(16, 10, 10, 8).permute(0, 3, 1, 2).contiguous()    # channels in 3 directions
+    m = nn.Sequential(conv.eval())
+    cands = candidates(m, 'tucker', sample=X[:1], head=True)
+    r_out,r_in = VBMF().ranks(m, cands, calib=Calibration([X], damp=0))['0']
+    with torch.no_grad(): Y = (conv(X) - (0 if conv.bias is None else conv.bias[:,None,None])).double().transpose(0, 1).flatten(1)   # O × rows
+    Xc = X.double().transpose(0, 1).flatten(1)                                                   # I × rows
+    K = conv.weight.double()
+    lam,V = torch.linalg.eigh(Xc@Xc.T)
+    s_in = torch.linalg.svdvals((V*lam.clamp_min(0).sqrt())@V.T@unfold(K, 1))
+    assert (r_out, r_in) == (spectrum_rank(torch.linalg.svdvals(Y), *sorted((24, 8*K[0,0].numel()))), spectrum_rank(s_in, *sorted(unfold(K, 1).shape)))
+    assert r_in <= 4 and r_out > 1, (r_out, r_in)                   # (the inputs fill 3 directions)
+    assert VBMF().ranks(m, candidates(m, 'spatial', sample=X[:1], head=True), calib=Calibration([X])) == {'0': VBMF().rank(conv, 'spatial')}
     lstm = nn.Sequential(nn.LSTM(16, 8, batch_first=True))
     cands = candidates(lstm, 'svd', sample=torch.randn(1, 5, 16), head=True)
     assert VBMF().ranks(lstm, cands, calib=Calibration([torch.randn(4, 5, 16)])) == VBMF().ranks(lstm, cands)
