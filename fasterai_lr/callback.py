@@ -151,7 +151,7 @@ class DecomposeCallback(Callback):
         energy=None,          # share of squared singular values to keep
         layers=None,          # names of layers (or of modules holding them) to decompose, all by default; stages: one list (or None) each
         exclude=None,         # names of layers (or of modules holding them) to leave as they are
-        calib=None,           # data-aware factors: True (a `Calibration` of `learn.dls.train` at the swap), or a `Calibration`
+        calib=None,           # data-aware factors: True (a sequential `Calibration` of `learn.dls.train` at the swap), or a `Calibration`
         head:bool=False,      # decompose the model's output layer too (kept by default; naming it in `layers` also decomposes it)
         verbose:bool=True,    # write one line in the progress output at each decomposition
         round_to:int=ROUND_TO,# ranks from keep=, percent_removed=, energy= are multiples of it (or full); 1: any rank
@@ -231,7 +231,7 @@ class DecomposeCallback(Callback):
         if not any(dense_layers(model, self.layers[i], self.exclude, self.head).values()):   # (an earlier stage took them)
             return warnings.warn(_nothing_left(self.starts[i], self.layers[i]))
         p0,m0 = model_costs(model, x)
-        self.calib_used = Calibration(self.dls.train) if self.calib is True else self.calib   # drawn now: batches as the model sees them
+        self.calib_used = Calibration(self.dls.train, sequential=True) if self.calib is True else self.calib   # drawn now: batches as the model sees them
         # (a budget plans on today's weights)
         new,rep = decompose_dense(model, self.method, self.layers[i], self.exclude, x, self.head, calib=self.calib_used, **self.opts)
         t = report_totals(rep)

@@ -278,14 +278,15 @@ def test_vbmf_with_calib_tucker_ranks_by_outputs_and_whitened_inputs(conv):
     assert VBMF().ranks(lstm, cands, calib=Calibration([torch.randn(4, 5, 16)])) == VBMF().ranks(lstm, cands)
 
 def test_callback_vbmf_calibration_fine_tunes(dls):
-    """DecomposeCallback(rank=VBMF(), calib=) on a trained learner: ranks from the outputs at the swap, four times the weights' share of the
-    parameters, and it fine-tunes to within 3 points of the dense accuracy (from the weights: 11%)"""
+    """DecomposeCallback(rank=VBMF(), calib=True) on a trained learner: ranks from the outputs at the swap, factors fitted sequentially,
+    four times the weights' share of the parameters, and it fine-tunes to within 3 points of the dense accuracy (from the weights: 11%;
+    fitted layer by layer: 9 points under)"""
     from fasterai_lr.ranks import VBMF
     set_seed(0)
     learn = digits_learner(dls, c=8)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2); dense_acc = learn.validate()[1]
     weights = Conv_Decomposer().decompose(copy.deepcopy(learn.model), 'svd', rank=VBMF(), quiet=True)
-    cb = DecomposeCallback(start_epoch=0, method='svd', rank=VBMF(), calib=Calibration(dls.train, sequential=True), verbose=False)
+    cb = DecomposeCallback(start_epoch=0, method='svd', rank=VBMF(), calib=True, verbose=False)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3, cbs=cb); loss, acc = learn.validate()[:2]
     rep = cb.report.dropna(subset=['method']).set_index('layer')['rank']
     assert len(rep) >= 2 and (rep > 1).all(), rep                          # (on the weights: rank 1 for the first conv)
