@@ -19,7 +19,8 @@ from .decompose import Calibrator
 # %% auto #0
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
            'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights', 'embedding_data', 'embedding_errors',
-           'patch_rows', 'n_rows', 'stat_kind', 'lookups', 'layer_input', 'Stats', 'Calibration', 'block_kernel']
+           'patch_rows', 'n_rows', 'stat_kind', 'lookups', 'layer_input', 'distributed', 'Stats', 'Calibration',
+           'block_kernel']
 
 # %% ../nbs/05_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -221,6 +222,10 @@ def layer_input(layer:nn.Module, args:tuple, kw:dict):
     a = {**dict(zip(('input', 'offsets', 'per_sample_weights'), args)), **kw}
     return a['input'], a.get('offsets'), a.get('per_sample_weights')
 
+def distributed()->bool:
+    "Whether this process is one of a `torch.distributed` run of several (DDP): what it measures on its shard is summed over them"
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 class Stats:
     "Float64 Grams of one layer's inputs (and outputs), summed over batches: fixed size, whatever the data"
     def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0):
@@ -292,7 +297,7 @@ class Stats:
 
     def all_reduce(self, paired:bool=False)->Stats:
         "Sum the statistics over the processes of a `torch.distributed` run (DDP): every process then holds those of all the batches"
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return self
+        if not distributed(): return self
         dev = self.layer.weight.device
         for a,shape in self.shapes(paired).items():
             v = getattr(self, a)
@@ -537,9 +542,11 @@ class _Lockstep:
         return None, None
 
     def _release(self):
-        "With the lock held: once every batch still running waits at a layer, fit the first of those layers on all of them"
-        if self.failed or not self.waiting or len(self.waiting) < self.active: return
-        n = min(set(self.waiting.values()), key=self.order.get)
+        """With the lock held: once every batch still running waits at a layer not yet fitted, fit the first of those layers on all of them
+        (a batch woken from a fitted layer but not yet gone on is not there yet: under DDP a layer fitted twice all-reduces twice)"""
+        fresh = {b: n for b,n in self.waiting.items() if n not in self.built}
+        if self.failed or not fresh or len(fresh) < self.active: return
+        n = min(set(fresh.values()), key=self.order.get)
         try:
             (l,m,r),st = self.todo[n],self.stats[n].all_reduce(paired=True)
             self.cal.stats[(n, st.kind, 'seq')] = st
@@ -678,7 +685,7 @@ def _working_copy(self:Calibration, model:nn.Module)->nn.Module:
 @patch
 def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None)->float:
     """Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches`
-    calibration batches (their first `samples`)"""
+    calibration batches (their first `samples`); under DDP on those of every process, so that all of them choose the same plan"""
     blks = {}
     for n,(m,r) in plan.items():
         b = self.build(n, self.mods[n], m, r, sequential=False)          # (plans compared on the dense model's statistics)
@@ -697,4 +704,6 @@ def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, sa
         if any(work.get_submodule(up) is not p for up,p in parents.items()): self._work = None   # a parent rebuilt: a fresh copy next time
         else:
             for n,l in kept.items(): work.set_submodule(n, l)          # the copy back to the model as it is, for the next plan
-    return ((y-y0).norm()/y0.norm().clamp_min(1e-30)).item()
+    sq = torch.stack([(y-y0).double().square().sum(), y0.double().square().sum()])
+    if distributed(): dist.all_reduce(sq)                                # (each process's shard: the sums over all of them)
+    return (sq[0]/sq[1].clamp_min(1e-60)).sqrt().item()

@@ -292,3 +292,19 @@ def test_callback_vbmf_calibration_fine_tunes(dls):
     assert len(rep) >= 2 and (rep > 1).all(), rep                          # (on the weights: rank 1 for the first conv)
     assert n_params(learn.model) > 3*n_params(weights), (n_params(learn.model), n_params(weights))
     assert loss == loss and acc > dense_acc - 0.03, (acc, dense_acc)
+
+def test_sequential_fits_each_layer_once(monkeypatch):
+    """The lockstep fits each layer once: a batch that finished its forward right after the last layer's fit, while the others had not yet
+    left that layer, fitted it again (harmless alone; under DDP a second all-reduce the other processes never join: a hang)"""
+    from fasterai_lr import calibrate
+    fits = []
+    orig = calibrate.Stats.all_reduce
+    def counted(self, paired=False):
+        if paired: fits.append(id(self))
+        return orig(self, paired)
+    monkeypatch.setattr(calibrate.Stats, 'all_reduce', counted)
+    m = cnn()
+    for i in range(30):
+        fits.clear()
+        decompose_model(m, 'svd', keep=0.5, calib=Calibration([smooth(4, seed=s) for s in range(6)], sequential=True), quiet=True)
+        assert len(fits)==len(set(fits)), f"run {i}: a layer was fitted {len(fits)-len(set(fits))} extra times"
