@@ -17,10 +17,10 @@ from .layers import _kernel_2d
 from .decompose import Calibrator
 
 # %% auto #0
-__all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_errors', 'channel_svd_data', 'refit_last', 'col_gram',
-           'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights', 'embedding_data', 'embedding_errors',
-           'patch_rows', 'n_rows', 'stat_kind', 'lookups', 'layer_input', 'distributed', 'Stats', 'Calibration',
-           'block_kernel']
+__all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_spectrum', 'tail_errors', 'output_errors',
+           'channel_svd_data', 'refit_last', 'col_gram', 'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights',
+           'embedding_data', 'embedding_errors', 'embedding_spectrum', 'patch_rows', 'n_rows', 'stat_kind', 'lookups',
+           'layer_input', 'distributed', 'Stats', 'Calibration', 'block_kernel']
 
 # %% ../nbs/05_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -57,12 +57,19 @@ def whitened_svd(W:Tensor, G:Tensor, rank:int, damp:float=0.)->tuple[Tensor,Tens
     A,B = svd_factors(W.double() @ S, rank)
     return A, B @ Si
 
-def output_errors(W:Tensor, G:Tensor, damp:float=0.)->Tensor:
-    "Relative output error ‖(W−Ŵᵣ)S‖/‖WS‖ of the whitened rank-r truncation for r = 0…min(m, n), summed over leading dims"
+def output_spectrum(W:Tensor, G:Tensor, damp:float=0.)->Tensor:
+    "Squared singular values of W·S (`G` = S Sᵀ), largest first, summed over leading dims: the output energy each rank component carries"
     S,_ = gram_sqrt(G, damp)
-    s2 = singular_values_sq(W.double() @ S, exact=True).reshape(-1, min(W.shape[-2:])).sum(0)
+    return singular_values_sq(W.double() @ S, exact=True).reshape(-1, min(W.shape[-2:])).sum(0)
+
+def tail_errors(s2:Tensor)->Tensor:
+    "Relative error ‖·−·ᵣ‖/‖·‖ of the rank-r truncations, r = 0…len(s2), from the squared singular values `s2` (largest first)"
     tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
     return (tail/tail[0].clamp_min(1e-300)).sqrt()
+
+def output_errors(W:Tensor, G:Tensor, damp:float=0.)->Tensor:
+    "Relative output error ‖(W−Ŵᵣ)S‖/‖WS‖ of the whitened rank-r truncation for r = 0…min(m, n), summed over leading dims"
+    return tail_errors(output_spectrum(W, G, damp))
 
 # %% ../nbs/05_calibrate.ipynb #6df3a9d7
 def channel_svd_data(K:Tensor, G:Tensor, rank:int, damp:float=0., W:Tensor|None=None)->tuple[Tensor,Tensor]:
@@ -132,9 +139,11 @@ def embedding_data(W:Tensor, n:Tensor, rank:int, damp:float=0.)->tuple[Tensor,Te
 
 def embedding_errors(W:Tensor, n:Tensor, damp:float=0.)->Tensor:
     "Relative output error ‖D(W−Ŵᵣ)‖/‖DW‖ of `embedding_data`'s fit for r = 0…min(V, d): the tail of D·W's squared singular values"
-    s2 = _row_basis(W, n, damp)[1][:min(W.shape)]
-    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
-    return (tail/tail[0].clamp_min(1e-300)).sqrt()
+    return tail_errors(embedding_spectrum(W, n, damp))
+
+def embedding_spectrum(W:Tensor, n:Tensor, damp:float=0.)->Tensor:
+    "Squared singular values of D·W, largest first (D: `row_weights` of the lookup counts `n`)"
+    return _row_basis(W, n, damp)[1][:min(W.shape)]
 
 # %% ../nbs/05_calibrate.ipynb #50f12e43
 def _pads(conv:nn.Module, sizes=None)->list[tuple[int,int]]:
@@ -648,26 +657,21 @@ def rank_errors(self:Calibration, name:str, layer:nn.Module, method:str, ranks:l
 @patch
 def spectra(self:Calibration, name:str, layer:nn.Module, method:str)->list|None:
     """What `ranks.VBMF` reads of `layer` on the calibration data: per rank of `method`, the singular values (up to scale) of the matrix
-    whose noise level gives it, and that matrix's shape. SVD: those of W·S (its outputs; from the output errors at every rank, a grouped
-    conv's groups summed); Tucker-2: those of its outputs (the output Gram) and of its input-channel unfolding K₍₁₎ whitened by the input
+    whose noise level gives it, and that matrix's shape. SVD: those of W·S (its outputs; a grouped conv's groups summed, an embedding's
+    of D·W); Tucker-2: those of its outputs (the output Gram) and of its input-channel unfolding K₍₁₎ whitened by the input
     channels' Gram, Cin^½·K₍₁₎. None where the data cannot give them (a layer fitted weight-only, no data, a grouped Tucker)"""
     if method not in ('svd', 'tucker') or not self.takes(layer): return None
     W = kernel(layer)
-    if method=='svd':
-        full = min(W.shape[1], W[0,0].numel())
-        e = np.asarray(self.rank_errors(name, layer, 'svd', list(range(full+1))), float)
-        if not np.isfinite(e).all() or not e[0] > 0: return None
-        return [(torch.from_numpy(np.sqrt(np.clip(-np.diff(e), 0, None))), *sorted((W.shape[1], W[0,0].numel())))]
-    if W.shape[0] > 1 or stat_kind(layer, 'tucker')!='chan': return None
-    names = self.names if name in self.names else [name]
-    st = self.collect(kinds=[(n, stat_kind(self.ref_mods[n], 'tucker')) for n in names]).stats[(name, 'chan')]
+    O,n = W.shape[1],W[0,0].numel()                                     # a group's outputs and patch width (I·k…)
+    if method=='tucker' and (W.shape[0] > 1 or stat_kind(layer, 'tucker')!='chan'): return None
+    st = self.layer_stats(name, layer, method, sequential=False)      # (the dense model's, as the budgets' curves)
     if st.rows==0: return None
-    O,I = W.shape[1:3]
-    lam,V = torch.linalg.eigh(st.Cin[0])
-    K1 = unfold(W[0].double(), 1)                                                  # I × O·k…
-    s_in = torch.linalg.svdvals((V*lam.clamp_min(0).sqrt())@V.mT@K1)
-    s_out = torch.linalg.eigvalsh(st.Cout[0]).flip(0).clamp_min(0).sqrt()[:min(O, I*W[0,0,0].numel())]
-    return [(s_out, *sorted((O, I*W[0,0,0].numel()))), (s_in, *sorted(K1.shape))]
+    if isinstance(layer, EMBEDDING_KINDS): return [(embedding_spectrum(layer.weight.detach(), st.N, self.damp).sqrt(), *sorted(layer.weight.shape))]
+    if method=='svd': return [(output_spectrum(W.flatten(2), st.G, self.damp).sqrt(), *sorted((O, n)))]
+    S,_ = gram_sqrt(st.Cin, self.damp)
+    K1 = unfold(W[0].double(), 1)                                       # I × O·k…
+    s_out = torch.linalg.eigvalsh(st.Cout[0]).flip(0).clamp_min(0).sqrt()[:min(O, n)]
+    return [(s_out, *sorted((O, n))), (torch.linalg.svdvals(S[0].mT@K1), *sorted(K1.shape))]
 
 def _first(batch, n:int|None):
     "The first `n` samples of a batch (args, kwargs): every tensor cut along its first dim"

@@ -75,6 +75,12 @@ def spectrum_rank(s:Tensor, L:int, N:int, energy:float=0.9, eps:float=0.)->int:
     return max(1, r)
 
 # %% ../nbs/04_ranks.ipynb #480ce168
+def _prepare(calib, model:nn.Module, cands:list):
+    """`calib` prepared on `model` for the layers of `cands` [(name, layer, method, shapes)] before a curve reads its data (None:
+    weight-only)"""
+    if calib is not None: calib.prepare(model, [n for n,*_ in cands])
+    return calib
+
 class VBMF(RankRule):
     "Per-layer rank rule: empirical VBMF on each layer's matrix (SVD methods) or both channel unfoldings (Tucker, Kim et al. 2015)"
     def __init__(self, energy:float=0.9, # the energy rule to fall back to where the noise cannot be estimated
@@ -95,7 +101,7 @@ class VBMF(RankRule):
         return tuple(round_rank_up(r, self.round_to, f) for r,f in zip(rs, full)) if method=='tucker' else round_rank_up(rs[0], self.round_to, full)
     def ranks(self, model:nn.Module, candidates:list, sample=None, calib=None)->dict:
         "{layer name: VBMF rank} for the `candidates` [(name, layer, method, shapes)] of `model` (an SVD's or Tucker-2's on `calib`'s data)"
-        if calib is not None: calib.prepare(model, [n for n,*_ in candidates])
+        calib = _prepare(calib, model, candidates)
         return {n: self.rank(l, m, calib, n) for n,l,m,_ in candidates}
 
 # %% ../nbs/04_ranks.ipynb #5cabfc77
@@ -304,12 +310,6 @@ def uniform_pick(curves:list[Curve], limit:float, by:str='params', method:str|No
 
 # %% ../nbs/04_ranks.ipynb #8d72047a
 _all_ = ['candidates']   # `candidates` lives in decompose, beside the walk whose screen it shares; ranks still exports it
-
-def _prepare(calib, model:nn.Module, cands:list):
-    """`calib` prepared on `model` for the layers of `cands` [(name, layer, method, shapes)] before a curve reads its data (None:
-    weight-only)"""
-    if calib is not None: calib.prepare(model, [n for n,*_ in cands])
-    return calib
 
 def _rnn_layer_flops(x, w_ih, w_hh, *_, **__)->int:
     "FLOPs of one fused RNN layer (oneDNN's, which `torch.utils.flop_counter` has no formula for): every step's input and hidden products"
