@@ -12,7 +12,7 @@ from fastcore.basics import store_attr, patch
 from .factorize import *
 from .core import *
 from .layers import *
-from .core import _plain
+from .core import _plain, _py, _is_int
 from .layers import _kernel_2d
 from .decompose import Calibrator
 
@@ -20,7 +20,8 @@ from .decompose import Calibrator
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_spectrum', 'tail_errors', 'output_errors',
            'channel_svd_data', 'refit_last', 'col_gram', 'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights',
            'embedding_data', 'embedding_errors', 'embedding_spectrum', 'patch_rows', 'n_rows', 'stat_kind', 'lookups',
-           'layer_input', 'distributed', 'Stats', 'Calibration', 'block_kernel']
+           'layer_input', 'distributed', 'Stats', 'seq_key', 'Calibration', 'tucker_factors', 'tucker_core', 'plan_key',
+           'block_kernel']
 
 # %% ../nbs/05_calibrate.ipynb #1af8c335
 JITTER = 1e-10  # relative floor on the Gram's eigenvalues: keeps S well conditioned in float64 (cond ≤ 1e10)
@@ -237,8 +238,9 @@ def distributed()->bool:
 
 class Stats:
     "Float64 Grams of one layer's inputs (and outputs), summed over batches: fixed size, whatever the data"
-    def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0):
-        store_attr('layer,kind,max_rows,seed')
+    def __init__(self, layer:nn.Module, kind:str, max_rows:int=8192, seed:int=0,
+                 basis:tuple|None=None):   # kind 'core': Tucker-2's (first, core, U_out), as `tucker_factors` gives them
+        store_attr('layer,kind,max_rows,seed,basis')
         self.conv = _plain(layer)   # the geometry its patches are read with (a timm conv: its plain one's, e.g. `SameConv2d`'s padding)
         self.G = self.C = self.Cin = self.Cout = self.N = None
         self.rows,self.memo = 0,{}   # memo: what every rank's fit shares (whitened SVDs, G+λI), computed once
@@ -286,19 +288,33 @@ class Stats:
                 self.G = self._add(self.G, r, r, w)
                 if x_ref is not None: self.C = self._add(self.C, self._rows(x_ref, conv, i), r, w)
             self.rows += len(idx)
+        elif self.kind=='core':   # Tucker-2's core refitted: the patches of its input z = first·x, the target outputs projected on U_out
+            (first,_,U_out),G,dt = self.basis,self.conv.groups,torch.promote_types(x.dtype, torch.float32)
+            z = torch.einsum('gri,ngi...->ngr...', first.to(dt), x.to(dt).unflatten(1, (G, -1))).flatten(1, 2)
+            v = self._unbiased(y if y_ref is None else y_ref)
+            idx,w = self._idx(n_rows(z, self.conv), x.device, batch)
+            for i in idx.split(max(1, 2**22//(z.shape[1]*math.prod(self.conv.kernel_size)))):
+                p,t = patch_rows(z, self.conv, G, i),torch.einsum('ngo,gor->ngr', patch_rows(v, None, G, i).to(dt), U_out.to(dt))   # rows×G×r_i·k…, rows×G×r_o
+                self.G,self.C = self._add(self.G, p, p, w),self._add(self.C, t, p, w)
+            self.rows += len(idx)
         else:
             G = self.layer.groups
             for v,attr in ((x,'Cin'), (y if y_ref is None else y_ref, 'Cout')):
-                if attr=='Cout' and self.layer.bias is not None: v = v - self.layer.bias.view(-1, *[1]*(v.ndim-2))
+                if attr=='Cout': v = self._unbiased(v)
                 idx,w = self._idx(n_rows(v), v.device, batch)
                 r = patch_rows(v, None, G, idx)
                 setattr(self, attr, self._add(getattr(self, attr), r, r, w))
             self.rows += len(idx)
 
+    def _unbiased(self, y:Tensor)->Tensor: return y if self.layer.bias is None else y - self.layer.bias.view(-1, *[1]*(y.ndim-2))
+
     def shapes(self, paired:bool=False)->dict:
         "The shape of each Gram this kind of statistics holds (`paired`: with the sequential cross-Gram C)"
         if self.kind=='count': return dict(N=(self.layer.num_embeddings,))
         g = getattr(self.layer, 'groups', 1)
+        if self.kind=='core':
+            ro,n = self.basis[1].shape[1],self.basis[1][0,0].numel()   # (core: G×r_o×r_i×k…)
+            return dict(G=(g, n, n), C=(g, ro, n))
         if self.kind=='chan': return dict(Cin=(g, self.layer.in_channels//g, self.layer.in_channels//g),
                                           Cout=(g, self.layer.out_channels//g, self.layer.out_channels//g))
         n = _width(self.conv)
@@ -335,6 +351,10 @@ def _open_attention(ref:nn.Module, name:str)->list[str]:
         if isinstance(e, nn.TransformerEncoder): e.use_nested_tensor = False
     return [f"{name}.{p}_proj" for p in PROJECTIONS]
 
+def seq_key(name:str, kind:str, rank=None)->tuple:
+    "Where a `Calibration` keeps the sequential statistics of layer `name`: Tucker-2's core's (kind 'chan' at a `rank`) by rank"
+    return (name, 'core', rank, 'seq') if kind=='chan' and rank is not None else (name, kind, 'seq')
+
 class Calibration(Calibrator):
     "Data-aware factors for the decomposers' `calib=`: statistics of `data` streamed with hooks, factors that keep the layers' outputs"
     def note(self, layer:nn.Module)->str:
@@ -345,7 +365,7 @@ class Calibration(Calibrator):
     def takes(self, layer:nn.Module)->bool: return not isinstance(layer, RNN_KINDS)   # (an RNN's input weights: weight-only)
     def __init__(self, data,                 # a fastai DataLoader (or DataLoaders: its `train`), an iterable of batches, or one tensor
                  n_batches:int=8,            # at most this many batches are drawn from `data`, once: every use sees the same ones
-                 sequential:bool=False,      # calibrate each layer on the outputs of the layers decomposed before it
+                 sequential:bool=True,       # fit each layer to the dense outputs from what the layers decomposed before it give (False: alone)
                  damp:float=0.01,            # ridge λ = damp·tr(G)/n: weight-SVD-like in directions the data hardly see
                  max_rows:int=8192,          # at most this many rows (positions × images) per batch and layer enter a Gram
                  n_inp:int|None=None,        # how many items of a tuple batch are model inputs (the loader's `n_inp`, else 1)
@@ -361,7 +381,7 @@ class Calibration(Calibrator):
             raise TypeError(f"sequential={sequential!r} is not a bool; pass True (each layer on the outputs of those decomposed before it) or False")
         sequential = bool(sequential)
         store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
-        self.xs,self.stats,self._cp,self._y0,self._fp,self._work = None,{},{},{},None,None
+        self.xs,self.stats,self._cp,self._y0,self._fp,self._work,self._built = None,{},{},{},None,None,{}
 
     def batches(self)->list:
         "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
@@ -374,7 +394,7 @@ class Calibration(Calibrator):
             raise ValueError(f"the model has {len(meta)} tensors on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}), with no values to calibrate; "
                              "materialize the model (e.g. model.to_empty(device='cpu') and load its state_dict) first")
         fp = _fingerprint(model)
-        if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work = {},{},{},fp,None   # new weights: statistics anew
+        if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work,self._built = {},{},{},fp,None,{}   # new weights: all anew
         self.model,self.ref = model,copy.deepcopy(model).eval()
         self.names = [q for n in names if self.takes(model.get_submodule(n)) for q in _open_attention(self.ref, n)]
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
@@ -405,9 +425,9 @@ class Calibration(Calibrator):
         self.stats.update({k: s.all_reduce() for k,s in st.items()})
         return self
 
-    def _collect_sequential(self, name:str, kind:str):
-        "One pass through the model as decomposed so far and the dense copy, pairing `name`'s inputs batch by batch (for a lone `build`)"
-        s,got = Stats(self.ref_mods[name], kind, self.max_rows),{}
+    def _collect_sequential(self, name:str, s:Stats)->Stats:
+        "One pass through the model as decomposed so far and the dense copy, pairing `name`'s inputs batch by batch in `s` (for a lone `build`)"
+        got = {}
         hooks = [self.ref_mods[name].register_forward_hook(lambda m,i,o: got.update(xr=i[0], yr=o)),
                  self.mods[name].register_forward_hook(lambda m,i,o: got.update(x=i[0], y=o))]
         try:
@@ -418,19 +438,20 @@ class Calibration(Calibrator):
                     got.clear()
         finally:
             for h in hooks: h.remove()
-        self.stats[(name,kind,'seq')] = s.all_reduce(paired=True)
+        return s.all_reduce(paired=True)
 
     def parts(self, name:str)->list[str]:
         "The names of the layers of the dense copy whose statistics fit layer `name`: its own; an attention's projections' (`q_proj`, ...)"
         return [f"{name}.{p}_proj" for p in PROJECTIONS] if isinstance(self.mods.get(name), nn.MultiheadAttention) else [name]
 
-    def layer_stats(self, name:str, layer:nn.Module, method:str, sequential:bool|None=None)->Stats:
+    def layer_stats(self, name:str, layer:nn.Module, method:str, sequential:bool|None=None, rank=None)->Stats:
         """The statistics of layer `name` for `method` (`sequential`: this calibration's mode by default), streamed now (for every prepared
-        layer at once) if they are not there yet"""
+        layer at once) if they are not there yet; in sequential mode those of a fit at `rank` (`fit_stats`: Tucker-2's depend on it)"""
         kind = stat_kind(layer, method)
-        if self.sequential if sequential is None else sequential: 
-            if (name,kind,'seq') not in self.stats: self._collect_sequential(name, kind)
-            return self.stats[(name,kind,'seq')]
+        if self.sequential if sequential is None else sequential:
+            if (key := seq_key(name, kind, rank)) not in self.stats:
+                self.stats[key] = self._collect_sequential(name, self.fit_stats(name, layer, method, rank))
+            return self.stats[key]
         if (name,kind) not in self.stats: self.collect(method, self.names if name in self.names else [name])
         return self.stats[(name,kind)]
 
@@ -438,14 +459,30 @@ class Calibration(Calibrator):
 def _set(layer:nn.Module, w:Tensor):
     with torch.no_grad(): layer.weight.copy_(as_weight(layer, w))   # (a transposed factor: its weight in-channels first)
 
-def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
-    "`blk`'s Tucker-2 factors fitted to the channel statistics of `st`"
-    (ro,ri),(O,I) = blk.rank, K.shape[1:3]
+def tucker_factors(K:Tensor, st:Stats, rank:tuple, damp:float)->tuple[Tensor,Tensor,Tensor]:
+    """first (…×r_i×I), core (…×r_o×r_i×k…), U_out (…×O×r_o) of the Tucker-2 of kernels `K` at `rank` fitted to the channel statistics `st`
+    (`tucker2_data`); a factor of full rank is the identity, its map folded into the core (the block has no layer for it)"""
+    (ro,ri),(O,I) = rank, K.shape[1:3]
     eye = lambda n: torch.eye(n, dtype=K.dtype, device=K.device).expand(*K.shape[:-4], n, n)
-    core,U_out,first = tucker2_data(K, st.Cin, st.Cout, blk.rank, damp)
-    # the block has no layer for a full-rank factor
+    core,U_out,first = tucker2_data(K, st.Cin, st.Cout, rank, damp)
     if ri==I: core,first = torch.einsum('...rshw,...si->...rihw', core, first), eye(I)
     if ro==O: core,U_out = torch.einsum('...rshw,...or->...oshw', core, U_out), eye(O)
+    return first, core, U_out
+
+def tucker_core(st:Stats, damp:float)->Tensor:
+    """The core (…×r_o×r_i×k…) of least output error between the factors `st.basis` from the statistics `st` (kind 'core'): (C + core₀Λ)(G +
+    Λ)⁻¹ = core₀ + (C − core₀G)(G + Λ)⁻¹, a ridge towards the channel-Gram core₀ of `tucker_factors` where the data hardly reach (the
+    second form: the correction, which is 0 where core₀ is exact, is all that the solve can amplify)"""
+    c0,G = st.basis[1].flatten(-3),st.G.double()
+    Si = gram_sqrt(G, damp)[1]
+    return (c0 + (st.C.double() - c0@G) @ Si.mT @ Si).view_as(st.basis[1])
+
+def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
+    """`blk`'s Tucker-2 factors fitted to the channel statistics of `st`; from statistics of kind 'core' (a sequential fit) those factors with
+    the core refitted to the target outputs"""
+    (ro,ri),(O,I) = blk.rank, K.shape[1:3]
+    first,core,U_out = st.basis if st.kind=='core' else tucker_factors(K, st, blk.rank, damp)
+    if st.kind=='core': core = tucker_core(st, damp)
     core,U_out,U_in = balance_tucker(core, U_out, first.mT)
     for l,w in zip(blk, [U_in.mT]*(ri<I) + [core] + [U_out]*(ro<O)): _set(l, w)
     return blk
@@ -494,12 +531,21 @@ def _blank(layer:nn.Module, method:str, rank, cache:dict|None=None)->Factorized:
     return fill(blk, bias=None if getattr(layer, 'bias', None) is None else layer.bias.detach())   # (an embedding has none)
 
 @patch
+def fit_stats(self:Calibration, name:str, layer:nn.Module, method:str, rank=None)->Stats:
+    """Empty statistics for a sequential fit of layer `name` by `method` at `rank`: `stat_kind`'s; Tucker-2 of a k×k conv at a `rank`: its
+    core's ('core'), between the factors fitted to the dense model's channel Grams"""
+    if (kind := stat_kind(layer, method))!='chan' or rank is None: return Stats(self.ref_mods[name], kind, self.max_rows)
+    if (name,kind) not in self.stats: self.collect(kinds=[(name, kind)])
+    basis = tucker_factors(_kernel_2d(layer).double(), self.stats[(name,kind)], rank, self.damp)
+    return Stats(self.ref_mods[name], 'core', self.max_rows, basis=basis)
+
+@patch
 def build(self:Calibration, name:str, layer:nn.Module, method:str, rank, sequential:bool|None=None)->Factorized|None:
     """The data-aware `Factorized` block of `layer` for `method` at `rank`, or None (weight-only) if no data reached it (`sequential`: this
     calibration's mode by default); an attention's: a `FactorizedMHA` of its projections `rank` {projection: rank}"""
     if not self.takes(layer): return None
     if isinstance(layer, nn.MultiheadAttention): return _attention_block(self, name, layer, rank)
-    st = self.layer_stats(name, layer, method, False if isinstance(layer, EMBEDDING_KINDS) else sequential)   # (indices: the dense model's)
+    st = self.layer_stats(name, layer, method, False if isinstance(layer, EMBEDDING_KINDS) else sequential, rank)   # (indices: the dense model's)
     if st.rows==0: return None
     return _fit_block(_blank(layer, method, rank, self._cp), layer, st, self.damp)
 
@@ -529,7 +575,8 @@ class _Lockstep:
     def __init__(self, cal:Calibration, items:list, fixed:dict|None=None):
         self.cal,self.todo,self.fixed = cal,{n: (l, m, r) for n,l,m,r in items},fixed or {}
         self.order = {n: i for i,n in enumerate(self.todo)}
-        self.stats = {n: Stats(cal.ref_mods[n], stat_kind(l, m), cal.max_rows) for n,(l,m,r) in self.todo.items()}
+        if chan := [(n, 'chan') for n,(l,m,r) in self.todo.items() if stat_kind(l, m)=='chan']: cal.collect(kinds=chan)   # (Tucker-2's factors first)
+        self.stats = {n: cal.fit_stats(n, l, m, r) for n,(l,m,r) in self.todo.items()}
         B = len(cal.xs)
         self.cond,self.lock,self.built,self.waiting,self.failed = threading.Condition(),threading.Lock(),{},{},[]
         self.active,self.queues,self.ref_done,self.work_done = B,[queue.Queue(maxsize=1) for _ in range(B)],[False]*B,[False]*B
@@ -558,7 +605,7 @@ class _Lockstep:
         n = min(set(fresh.values()), key=self.order.get)
         try:
             (l,m,r),st = self.todo[n],self.stats[n].all_reduce(paired=True)
-            self.cal.stats[(n, st.kind, 'seq')] = st
+            self.cal.stats[seq_key(n, stat_kind(l, m), r)] = st
             self.built[n] = _fit_block(_blank(l, m, r, self.cal._cp), l, st, self.cal.damp) if st.rows else None
         except Exception as e: self.failed.append(e)
         self.cond.notify_all()
@@ -607,10 +654,23 @@ class _Lockstep:
         if self.failed: raise self.failed[0]
         return {n: self.built.get(n) for n in self.todo}
 
+def plan_key(items:list)->tuple:
+    "What a set of `items` [(name, layer, method, rank)] fits, as a key: names, methods and ranks (NumPy ints as Python's), in name order"
+    norm = lambda r: tuple(map(norm, r)) if isinstance(r, (tuple, list)) else tuple(sorted((k, norm(v)) for k,v in r.items())) if isinstance(r, dict) else _py(r) if _is_int(r) else r
+    return tuple(sorted((n, m, norm(r)) for n,_,m,r in items))
+
 @patch
-def blocks(self:Calibration, items:list)->dict:
+def blocks(self:Calibration, items:list, keep:bool=False)->dict:
     """{name: data-aware block, or None (weight-only)} for `items` [(name, layer, method, rank)]; sequential: all of them in one lockstep
-    pass"""
+    pass (`keep`: kept for the next call with the same items, which a budget's check of its plans makes before the decomposition)"""
+    built = getattr(self, '_built', None) or {}                       # (a Calibration pickled before it had one)
+    if (got := built.pop(key := plan_key(items), None)) is not None: self._built = {}; return copy.deepcopy(got)
+    out = self._blocks(items)
+    if keep: self._built = {**built, key: out}
+    return out
+
+@patch
+def _blocks(self:Calibration, items:list)->dict:
     fit = [it for it in items if self.takes(it[1])]   # the others: weight-only
     # an embedding's inputs are indices, the same in the dense model; an attention's projections: fitted on the dense model's inputs
     alone = [it for it in fit if not self.sequential or isinstance(it[1], (nn.MultiheadAttention, *EMBEDDING_KINDS))]
@@ -687,13 +747,15 @@ def _working_copy(self:Calibration, model:nn.Module)->nn.Module:
     return self._work[2]
 
 @patch
-def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None)->float:
+def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None, sequential:bool|None=None)->float:
     """Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches`
-    calibration batches (their first `samples`); under DDP on those of every process, so that all of them choose the same plan"""
-    blks = {}
-    for n,(m,r) in plan.items():
-        b = self.build(n, self.mods[n], m, r, sequential=False)          # (plans compared on the dense model's statistics)
-        blks[n] = b if b is not None else builder(self.mods[n], m)(self.mods[n], r)
+    calibration batches (their first `samples`); under DDP on those of every process, so that all of them choose the same plan.
+    `sequential` (this calibration's mode by default): the plan fitted as the decomposition will fit it, in one lockstep pass (kept for
+    it: `blocks(keep=True)`); False: each layer alone on the dense model's statistics, a pass cheaper"""
+    items = [(n, self.mods[n], m, r) for n,(m,r) in plan.items()]
+    seq = self.sequential if sequential is None else sequential
+    got = self.blocks(items, keep=True) if seq else {n: self.build(n, l, m, r, sequential=False) for n,l,m,r in items}
+    blks = {n: b if (b := got.get(n)) is not None else builder(l, m)(l, r) for n,l,m,r in items}
     xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
     if k not in self._y0:                                               # the dense outputs, once for every plan checked
         with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])

@@ -1,5 +1,5 @@
 "Data-aware decomposition: exact whitened errors, conv methods against weight-only, singular Grams, data sources, bounded statistics"
-import itertools, pytest, torch, torch.nn.functional as F
+import copy, itertools, pytest, torch, torch.nn.functional as F
 from torch import nn
 from fasterai_lr.core import *
 from fasterai_lr.factorize import *
@@ -173,7 +173,8 @@ def test_tucker_one_side_full(rank):
     assert e < ew, f"rank {rank}: data-aware {e:.4f} not below weight-only {ew:.4f}"
 
 def test_plan_error_swaps_into_one_copy():
-    "plan_error swaps each plan's blocks into one working copy and back: the figures of a fresh copy per plan, bit for bit, one copy made, the model untouched"
+    """plan_error swaps each plan's blocks into one working copy and back: the figures of a fresh copy per plan (bit for bit; sequential:
+    fitted as the decomposition fits them), one copy made, the model untouched"""
     import copy
     from fasterai_lr.calibrate import _first, flat_outputs
     from fasterai_lr.layers import builder
@@ -183,10 +184,9 @@ def test_plan_error_swaps_into_one_copy():
     with torch.no_grad(): net.train()(torch.randn(8, 3, 10, 10))          # BatchNorm statistics, and the model left in train mode
     state,mods = {k: v.clone() for k,v in net.state_dict().items()},[(n, id(m), m.training) for n,m in net.named_modules()]
     def fresh(cal, plan, n_batches=2, samples=None):                      # a copy of the model for each plan, as plan_error once made
-        new = copy.deepcopy(net)
-        for n,(m,r) in plan.items():
-            blk = cal.build(n, cal.mods[n], m, r, sequential=False)
-            new.set_submodule(n, blk if blk is not None else builder(cal.mods[n], m)(cal.mods[n], r))
+        new,items = copy.deepcopy(net),[(n, cal.mods[n], m, r) for n,(m,r) in plan.items()]
+        got = cal._blocks(items) if cal.sequential else {n: cal.build(n, l, m, r) for n,l,m,r in items}   # (sequential: as it will be built)
+        for n,l,m,r in items: new.set_submodule(n, got[n] if got[n] is not None else builder(l, m)(l, r))
         xs = [_first(x, samples) for x in cal.xs[:n_batches]]
         with evaluating(cal.ref): y0 = torch.cat([flat_outputs(cal._forward(cal.ref, x)) for x in xs])
         with evaluating(new): y = torch.cat([flat_outputs(cal._forward(new, x)) for x in xs])
@@ -196,10 +196,62 @@ def test_plan_error_swaps_into_one_copy():
         cal = Calibration([torch.randn(6, 3, 10, 10) for _ in range(3)], sequential=seq).prepare(net, ['0', '3', '5', '8'])
         for p in plans + plans[::-1]:
             for kw in (dict(), dict(n_batches=1, samples=4), dict(n_batches=3)):
-                assert cal.plan_error(net, p, **kw)==fresh(cal, p, **kw), f"sequential={seq}, {p}, {kw}: not the figure of a fresh copy"
+                e,ef = cal.plan_error(net, p, **kw),fresh(cal, p, **kw)   # (sequential: the batches' statistics summed as they come, in any order)
+                assert e==ef if not seq else abs(e-ef) <= 1e-9*ef, f"sequential={seq}, {p}, {kw}: {e} not the figure of a fresh copy, {ef}"
         work = cal._work[2]
         assert cal._working_copy(net) is work, "the working copy should be made once for the model's weights"
         assert not any(isinstance(m, Factorized) for m in work.modules()), "a plan's block was left in the working copy"
     assert [(n, id(m), m.training) for n,m in net.named_modules()]==mods and all(torch.equal(state[k], v) for k,v in net.state_dict().items()), "the model changed"
     with torch.no_grad(): net[0].weight.add_(1)                            # new weights: a new working copy
     assert cal._working_copy(net) is not work
+
+def _after_conv(c, seed=0):
+    "A conv of `CONVS` (`c`) behind a 3×3 conv and a ReLU that are decomposed before it"
+    conv = make_conv(c, seed)
+    torch.manual_seed(seed+1)
+    return nn.Sequential(nn.Conv2d(conv.in_channels, conv.in_channels, 3, padding=1), nn.ReLU(), conv).double()
+
+def _unfolded(conv, x):
+    "The im2col rows (positions × I·k·k) an ungrouped 2-D `conv` reads from `x`, padded its way (torch's own unfold)"
+    p = conv.padding if conv.padding!='same' else tuple(d*(k-1)//2 for d,k in zip(conv.dilation, conv.kernel_size))
+    x = F.pad(x, [q for v in reversed(p) for q in (v, v)], mode='constant' if conv.padding_mode=='zeros' else conv.padding_mode)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride).transpose(1, 2).flatten(0, 1)
+
+@pytest.mark.parametrize("ci", range(len(CONVS)))
+def test_sequential_tucker(ci):
+    """Sequential Tucker-2 refits its core to the dense outputs from the inputs the decomposed layers before it give: exact at full rank
+    for every conv setting; behind a decomposed conv, at full rank, the least-squares map from those inputs (ungrouped convs: checked
+    against torch's unfold and lstsq); at half rank the output error below a per-layer fit's"""
+    model = _after_conv(CONVS[ci])
+    xs = [smooth(8, model[0].in_channels, 12, seed=s) for s in range(3)]
+    x = torch.cat(xs)
+    with torch.no_grad(): y = model(x)
+    rel = lambda m: ((m(x)-y).norm()/y.norm()).item()
+    fit = lambda ranks, seq, damp=0.01: Conv_Decomposer().decompose(model, 'tucker', rank=ranks, head=True, quiet=True, calib=Calibration(xs, sequential=seq, damp=damp))
+    full,r0 = full_ranks(kernel(model[2]).shape)['tucker'],(model[0].in_channels, model[0].in_channels//2)
+    with torch.no_grad():
+        assert (e := rel(fit('full', True))) < 1e-6, f"{CONVS[ci]} sequential Tucker-2 at full rank: output error {e:.2e}"
+        if model[2].groups==1:   # (a full-rank block, which `decompose` leaves as the layer: `blocks` builds it)
+            net = copy.deepcopy(model)
+            cal = Calibration(xs, sequential=True, damp=0).prepare(net, ['0', '2'])
+            net[0],net[2] = cal.blocks([('0', net[0], 'tucker', r0), ('2', net[2], 'tucker', full)]).values()
+            X = _unfolded(model[2], block_in(net, '2', xs))
+            Y = (y - model[2].bias[:,None,None]).movedim(1, -1).flatten(0, -2)
+            best = (X@torch.linalg.lstsq(X, Y).solution - Y).norm()/y.norm()
+            assert abs(rel(net) - best) < 1e-6, f"{CONVS[ci]}: sequential at full rank {rel(net):.6f}, least squares {best:.6f}"
+        half = tuple(max(1, v//2) for v in full)
+        e = {seq: rel(fit({'0': r0, '2': half}, seq)) for seq in (False, True)}
+    assert e[True] < e[False], f"{CONVS[ci]} rank {half} behind {r0}: sequential {e[True]:.4f} not below per-layer {e[False]:.4f}"
+
+def test_sequential_tucker_lone_build():
+    "A lone sequential `build` of a Tucker-2 layer streams its core's statistics at that rank: the same block as the one-pass lockstep"
+    model = _after_conv(CONVS[0])
+    xs = [smooth(8, 8, 12, seed=s) for s in range(2)]
+    items = [(n, model.get_submodule(n), 'tucker', (6, 4)) for n in ('0', '2')]
+    one = Calibration(xs, sequential=True).prepare(copy.deepcopy(model), ['0', '2'])
+    blocks = one.blocks(items)
+    lone = Calibration(xs, sequential=True).prepare(net := copy.deepcopy(model), ['0', '2'])
+    net[0] = lone.build('0', net[0], 'tucker', (6, 4))
+    blk = lone.build('2', net[2], 'tucker', (6, 4))
+    assert seq_key('2', 'chan', (6, 4)) in lone.stats and lone.stats[seq_key('2', 'chan', (6, 4))].kind=='core'
+    for a,b in zip(blocks['2'], blk): assert torch.allclose(a.weight, b.weight, atol=1e-8), "lone build differs from the lockstep's"

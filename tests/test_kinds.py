@@ -171,9 +171,10 @@ def test_calibrated_exact_and_better(name):
     x = torch.cat(xs)
     for seq in (False, True):
         # (sequential at damp=0 divides float32 noise by a near-singular Gram: 6e-4 on `series`, as on its Conv2d twin; the ridge is exact)
-        cal = Calibration(xs, sequential=seq, damp=0.01 if seq else 0.)
-        new,_ = decompose_model(net, 'svd', rank='full', calib=cal, head=True, quiet=True)
-        assert (e := rel(new(x), net(x))) <= TOL, f"{name} sequential={seq} at rank='full': {e:.2e}"
+        for method in ('svd', 'tucker'):
+            cal = Calibration(xs, sequential=seq, damp=0.01 if seq else 0.)
+            new,_ = decompose_model(net, method, rank='full', calib=cal, head=True, quiet=True)
+            assert (e := rel(new(x), net(x))) <= TOL, f"{name} {method} sequential={seq} at rank='full': {e:.2e}"
     for method in ('tucker', 'svd', 'cp'):
         data,_ = decompose_model(net, method, keep=0.3, calib=Calibration(xs), head=True, quiet=True)
         weight,_ = decompose_model(net, method, keep=0.3, head=True, quiet=True)

@@ -274,9 +274,10 @@ def test_same_calibrated(method):
     net = same_net()
     xs = [torch.randn(8, 6, 15, 15).cumsum(-1) for _ in range(3)]
     x = torch.cat(xs)
-    full,_ = decompose_model(net, method, rank='full', calib=Calibration(xs, damp=0.), head=True, quiet=True)
+    full,_ = decompose_model(net, method, rank='full', calib=Calibration(xs, damp=0., sequential=False), head=True, quiet=True)
+    seq,_ = decompose_model(net, method, rank='full', calib=Calibration(xs), head=True, quiet=True)   # (sequential: the ridge keeps it exact)
     data,_ = decompose_model(net, method, keep=0.3, calib=Calibration(xs), head=True, quiet=True)
     weight,_ = decompose_model(net, method, keep=0.3, head=True, quiet=True)
-    with torch.no_grad(): ef,ed,ew = rel(full(x), net(x)),rel(data(x), net(x)),rel(weight(x), net(x))
-    assert ef <= TOL, f"{method} at rank='full': {ef:.2e}"
+    with torch.no_grad(): ef,es,ed,ew = rel(full(x), net(x)),rel(seq(x), net(x)),rel(data(x), net(x)),rel(weight(x), net(x))
+    assert ef <= TOL and es <= TOL, f"{method} at rank='full': {ef:.2e}, sequential {es:.2e}"
     assert ed <= ew, f"{method}: data-aware {ed:.3f}, weight-only {ew:.3f}"

@@ -168,12 +168,13 @@ def unbiased(net):
             if isinstance(l, (nn.Conv2d, nn.Linear)): l.bias.zero_()
     return net
 
-def calibrated_budget(k):
-    "tiny_cnn, 4 calibration batches, the uniform data-aware decomposition at keep=`k` and a data-aware Budget of its size"
+def calibrated_budget(k, sequential=False):
+    """tiny_cnn, 4 calibration batches, the uniform data-aware decomposition at keep=`k` and a data-aware Budget of its size (each layer
+    fitted alone unless `sequential`: the exact per-layer output errors the budget's curves read)"""
     from fasterai_lr.calibrate import Calibration
     net = unbiased(tiny_cnn())
     xs = list(torch.randn(128, *SAMPLE, generator=torch.Generator().manual_seed(0)).split(32))
-    cal = Calibration(xs)
+    cal = Calibration(xs, sequential=sequential)
     uni,_ = decompose_model(net, 'tucker', keep=k, quiet=True, calib=cal)
     b = Budget(params=size(uni)/size(net), calib=cal)
     glob,_ = decompose_model(net, 'tucker', rank=b, quiet=True, calib=cal)
@@ -203,6 +204,16 @@ def test_budget_checks_plans_end_to_end():
     plain.plan(net, calib=b.calib)                                        # calib= may come with the call instead
     assert plain.chosen in plain.checked, plain.checked
     with pytest.raises(TypeError, match=r'Budget\(sensitivity=\) is replaced by calib=Calibration'): Budget(params=0.5, sensitivity=xs[0])
+
+def test_sequential_budget_checks_what_it_builds():
+    """A sequential calibration's budget checks each plan fitted as the decomposition fits it (one lockstep pass each, the winner's blocks
+    kept for it): the decomposed model has the checked error, below the per-layer calibration's"""
+    net,xs,uni,b,glob = calibrated_budget(0.4, sequential=True)
+    e = out_err(glob, net, xs[:2])
+    assert abs(e - b.checked[b.chosen]) <= 1e-4*e, f"the decomposed model's output error {e:.6f}, the check says {b.checked[b.chosen]:.6f}"
+    assert not b.calib._built, "the chosen plan's blocks are kept only until the decomposition takes them"
+    *_,glob0 = calibrated_budget(0.4)
+    assert out_err(glob, net, xs) < out_err(glob0, net, xs), (out_err(glob, net, xs), out_err(glob0, net, xs))
 
 def test_minmax_budget_and_weights():
     net = tiny_cnn()
