@@ -12,7 +12,7 @@ from fastcore.basics import store_attr, patch
 from .factorize import *
 from .core import *
 from .layers import *
-from .core import _plain, _py, _is_int
+from .core import _plain
 from .layers import _kernel_2d
 from .decompose import Calibrator
 
@@ -20,7 +20,7 @@ from .decompose import Calibrator
 __all__ = ['JITTER', 'gram_sqrt', 'data_target', 'whitened_svd', 'output_spectrum', 'tail_errors', 'output_errors',
            'channel_svd_data', 'refit_last', 'col_gram', 'spatial_svd_data', 'cp_front', 'tucker2_data', 'row_weights',
            'embedding_data', 'embedding_errors', 'embedding_spectrum', 'patch_rows', 'n_rows', 'stat_kind', 'lookups',
-           'layer_input', 'distributed', 'Stats', 'seq_key', 'Calibration', 'tucker_factors', 'tucker_core', 'plan_key',
+           'layer_input', 'distributed', 'Stats', 'seq_key', 'Calibration', 'tucker_factors', 'tucker_core',
            'block_kernel']
 
 # %% ../nbs/05_calibrate.ipynb #1af8c335
@@ -381,7 +381,7 @@ class Calibration(Calibrator):
             raise TypeError(f"sequential={sequential!r} is not a bool; pass True (each layer on the outputs of those decomposed before it) or False")
         sequential = bool(sequential)
         store_attr('data,n_batches,sequential,damp,max_rows,n_inp')
-        self.xs,self.stats,self._cp,self._y0,self._fp,self._work,self._built = None,{},{},{},None,None,{}
+        self.xs,self.stats,self._cp,self._y0,self._fp,self._work = None,{},{},{},None,None
 
     def batches(self)->list:
         "The calibration inputs, (args, kwargs) each: drawn from `data` on first use and kept"
@@ -394,7 +394,7 @@ class Calibration(Calibrator):
             raise ValueError(f"the model has {len(meta)} tensors on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}), with no values to calibrate; "
                              "materialize the model (e.g. model.to_empty(device='cpu') and load its state_dict) first")
         fp = _fingerprint(model)
-        if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work,self._built = {},{},{},fp,None,{}   # new weights: all anew
+        if fp != self._fp: self.stats,self._cp,self._y0,self._fp,self._work = {},{},{},fp,None   # new weights: statistics anew
         self.model,self.ref = model,copy.deepcopy(model).eval()
         self.names = [q for n in names if self.takes(model.get_submodule(n)) for q in _open_attention(self.ref, n)]
         self.mods,self.ref_mods = dict(model.named_modules()),dict(self.ref.named_modules())
@@ -654,23 +654,10 @@ class _Lockstep:
         if self.failed: raise self.failed[0]
         return {n: self.built.get(n) for n in self.todo}
 
-def plan_key(items:list)->tuple:
-    "What a set of `items` [(name, layer, method, rank)] fits, as a key: names, methods and ranks (NumPy ints as Python's), in name order"
-    norm = lambda r: tuple(map(norm, r)) if isinstance(r, (tuple, list)) else tuple(sorted((k, norm(v)) for k,v in r.items())) if isinstance(r, dict) else _py(r) if _is_int(r) else r
-    return tuple(sorted((n, m, norm(r)) for n,_,m,r in items))
-
 @patch
-def blocks(self:Calibration, items:list, keep:bool=False)->dict:
+def blocks(self:Calibration, items:list)->dict:
     """{name: data-aware block, or None (weight-only)} for `items` [(name, layer, method, rank)]; sequential: all of them in one lockstep
-    pass (`keep`: kept for the next call with the same items, which a budget's check of its plans makes before the decomposition)"""
-    built = getattr(self, '_built', None) or {}                       # (a Calibration pickled before it had one)
-    if (got := built.pop(key := plan_key(items), None)) is not None: self._built = {}; return copy.deepcopy(got)
-    out = self._blocks(items)
-    if keep: self._built = {**built, key: out}
-    return out
-
-@patch
-def _blocks(self:Calibration, items:list)->dict:
+    pass"""
     fit = [it for it in items if self.takes(it[1])]   # the others: weight-only
     # an embedding's inputs are indices, the same in the dense model; an attention's projections: fitted on the dense model's inputs
     alone = [it for it in fit if not self.sequential or isinstance(it[1], (nn.MultiheadAttention, *EMBEDDING_KINDS))]
@@ -747,15 +734,14 @@ def _working_copy(self:Calibration, model:nn.Module)->nn.Module:
     return self._work[2]
 
 @patch
-def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None, sequential:bool|None=None)->float:
-    """Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, on the first `n_batches`
-    calibration batches (their first `samples`); under DDP on those of every process, so that all of them choose the same plan.
-    `sequential` (this calibration's mode by default): the plan fitted as the decomposition will fit it, in one lockstep pass (kept for
-    it: `blocks(keep=True)`); False: each layer alone on the dense model's statistics, a pass cheaper"""
-    items = [(n, self.mods[n], m, r) for n,(m,r) in plan.items()]
-    seq = self.sequential if sequential is None else sequential
-    got = self.blocks(items, keep=True) if seq else {n: self.build(n, l, m, r, sequential=False) for n,l,m,r in items}
-    blks = {n: b if (b := got.get(n)) is not None else builder(l, m)(l, r) for n,l,m,r in items}
+def plan_error(self:Calibration, model:nn.Module, plan:dict, n_batches:int=2, samples:int|None=None)->float:
+    """Relative output error of `model` with the layers of `plan` {name: (method, rank)} data-aware decomposed, each fitted alone on the
+    dense model's statistics (a sequential calibration's fit then differs, mostly lower), on the first `n_batches` calibration batches (their first
+    `samples`); under DDP on those of every process, so that all of them choose the same plan"""
+    blks = {}
+    for n,(m,r) in plan.items():
+        b = self.build(n, self.mods[n], m, r, sequential=False)          # (plans compared on the dense model's statistics)
+        blks[n] = b if b is not None else builder(self.mods[n], m)(self.mods[n], r)
     xs,k = [_first(x, samples) for x in self.xs[:n_batches]],(n_batches, samples)
     if k not in self._y0:                                               # the dense outputs, once for every plan checked
         with evaluating(self.ref): self._y0[k] = torch.cat([flat_outputs(self._forward(self.ref, x)) for x in xs])

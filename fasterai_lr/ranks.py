@@ -459,7 +459,7 @@ def _sensitive(model, curves, pick, limit, by, calib)->list:
     for c,j in zip(curves, pick):
         o = _option(c, j)
         if o is None or c.err[j] <= 1e-12: continue
-        e = calib.plan_error(model, curve_plan([c], [j]), n_batches=1, samples=16, sequential=False)   # (a forward a layer)
+        e = calib.plan_error(model, curve_plan([c], [j]), n_batches=1, samples=16)   # (a forward a layer)
         c.weight = c.weight*max(e**2/c.err[j], 1e-6)
     try: return allocate(curves, limit, by, 'greedy')
     finally:
