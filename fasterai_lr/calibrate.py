@@ -481,8 +481,8 @@ def _fit_tucker(blk:Factorized, K:Tensor, st:Stats, damp:float)->Factorized:
     """`blk`'s Tucker-2 factors fitted to the channel statistics of `st`; from statistics of kind 'core' (a sequential fit) those factors with
     the core refitted to the target outputs"""
     (ro,ri),(O,I) = blk.rank, K.shape[1:3]
-    first,core,U_out = st.basis if st.kind=='core' else tucker_factors(K, st, blk.rank, damp)
-    if st.kind=='core': core = tucker_core(st, damp)
+    if st.kind=='core': (first,_,U_out),core = st.basis,tucker_core(st, damp)
+    else: first,core,U_out = tucker_factors(K, st, blk.rank, damp)
     core,U_out,U_in = balance_tucker(core, U_out, first.mT)
     for l,w in zip(blk, [U_in.mT]*(ri<I) + [core] + [U_out]*(ro<O)): _set(l, w)
     return blk
