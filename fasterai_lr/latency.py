@@ -6,7 +6,7 @@ Docs: https://fasterai-lr.github.io/fasterai_lr/latency.html.md"""
 
 # %% ../nbs/07_latency.ipynb #797a4c7f
 from __future__ import annotations
-import ast, contextlib, copy, json, math, time, statistics, types, warnings, torch, numpy as np, pandas as pd
+import ast, collections, contextlib, copy, json, math, time, statistics, types, warnings, torch, numpy as np, pandas as pd
 from types import SimpleNamespace
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,8 @@ from .ranks import Budget, Curve, SpeedModel, allocate, rank_errors, curve_plan,
 __all__ = ['LATENCIES', 'RUNTIMES', 'COMPILE_OPTIONS', 'LatencyCache', 'layer_key', 'check_format', 'in_format', 'LayerTimer',
            'OrtRunner', 'compile_model', 'in_runtime', 'runtime_timer', 'reuse_cpu_memory', 'keep_options',
            'ort_reorders', 'LatencyAware', 'choose', 'linked', 'fold_bn', 'merge_linear', 'fastest_format', 'optimize',
-           'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline']
+           'planned', 'LatencyBudget', 'measured_speed', 'roofline', 'plot_roofline', 'runtime_profile',
+           'speedup_ceiling']
 
 # %% ../nbs/07_latency.ipynb #776e3eea
 class LatencyCache(dict):
@@ -131,8 +132,9 @@ def _runtime(runtime:str)->str:
 
 class OrtRunner:
     """`model` exported to ONNX (TorchScript's exporter, the batch dimension free) and run by onnxruntime on the CPU, called like the model;
-    `optimized`: a path to write the graph onnxruntime optimized it to"""
-    def __init__(self, model:nn.Module, x:Tensor, threads:int|None=None, optimized:str|None=None):
+    `optimized`: a path to write the graph onnxruntime optimized it to; `profile`: a path prefix for onnxruntime's profile of every node
+    run (`self.session.end_profiling()` writes it and returns its file)"""
+    def __init__(self, model:nn.Module, x:Tensor, threads:int|None=None, optimized:str|None=None, profile:str|None=None):
         import onnxruntime as ort, tempfile
         self.path = Path(tempfile.mkdtemp())/'model.onnx'
         with evaluating(model), warnings.catch_warnings():
@@ -142,6 +144,7 @@ class OrtRunner:
         o = ort.SessionOptions()
         o.intra_op_num_threads,o.inter_op_num_threads = threads or torch.get_num_threads(), 1
         if optimized: o.optimized_model_filepath,o.log_severity_level = str(optimized),3   # (3: no warning that the file is this CPU's)
+        if profile: o.enable_profiling,o.profile_file_prefix = True,str(profile)
         self.session = ort.InferenceSession(str(self.path), o, providers=['CPUExecutionProvider'])
     def __call__(self, x:Tensor): return self.session.run(None, {'x': x.detach().contiguous().cpu().numpy()})[0]
 
@@ -641,3 +644,104 @@ def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
     ax.set(xscale='log', yscale='log', xlabel='arithmetic intensity (FLOP/byte)', ylabel='achieved GFLOP/s')
     ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
     return ax
+
+# %% ../nbs/07_latency.ipynb #a8c5b746
+def _conv_row(x:list, w:list, out:list)->tuple:
+    "(kind, input channels, output channels, multiply-adds) of a conv with input shape `x`, weight shape `w` and output shape `out`"
+    cin,g = x[1],x[1]//max(w[1], 1); k = '×'.join(map(str, w[2:]))
+    kind = f"depthwise {k}" if w[1]==1 and cin>1 else f"grouped {k}" if g>1 else f"conv {k}"
+    return kind, cin, w[0], math.prod(out)*math.prod(w[1:])
+
+def _transposed_row(x:list, kernel:list, cout:int, per_group:int)->tuple:
+    "The same for a transposed conv: each input value meets `per_group` output channels over the kernel"
+    return f"transposed {'×'.join(map(str, kernel))}", x[1], cout, math.prod(x)*per_group*math.prod(kernel)
+
+def _linear_row(x:list, out:list)->tuple: return 'linear', x[-1], out[-1], math.prod(out)*x[-1]
+
+def _ort_ops(model:nn.Module, x:Tensor, threads, reps:int)->list[dict]:
+    "onnxruntime's profile of `reps` calls after one: {node: the optimized graph's node, op, kind, cin, cout, macs, seconds} per node and call"
+    import tempfile
+    run = OrtRunner(model, x, threads, profile=Path(tempfile.mkdtemp())/'ort')
+    for _ in range(reps+1): run(x)
+    import onnx
+    g = onnx.load(str(run.path)).graph   # (onnxruntime's profile leaves out a transposed conv's weight: the exported graph has it)
+    dims = {i.name: list(i.dims) for i in g.initializer}
+    weights = {n.name: dims.get(n.input[1]) for n in g.node if n.op_type=='ConvTranspose'}
+    rows,seen = [],collections.Counter()
+    for e in json.loads(Path(run.session.end_profiling()).read_text()):
+        if e.get('cat')!='Node' or not e['name'].endswith('_kernel_time'): continue
+        a,node = e['args'],e['name'][:-len('_kernel_time')]
+        seen[node] += 1
+        if seen[node]==1: continue   # (the first call: warm-up)
+        ins,(out,) = [[*s.values()][0] for s in a['input_type_shape']],[[*s.values()][0] for s in a['output_type_shape'][:1]]
+        op = a['op_name']
+        kind,cin,cout,macs = (_conv_row(ins[0], ins[1], out) if op.endswith('Conv') else _transposed_row(ins[0], (w := weights[node])[2:], out[1], w[1]) if op=='ConvTranspose' else
+                              _linear_row(ins[0], out) if op in ('Gemm', 'MatMul', 'FusedGemm', 'FusedMatMul') else (op, None, None, 0))
+        rows.append(dict(node=node, op=op, kind=kind, cin=cin, cout=cout, macs=macs, seconds=e['dur']*1e-6))
+    return rows
+
+_CONV_OPS = ('mkldnn::_convolution_pointwise', 'mkldnn::_convolution_pointwise_', 'mkldnn::_convolution_transpose_pointwise', 'aten::convolution', 'aten::_convolution', 'aten::mkldnn_convolution')
+_LINEAR_OPS = ('mkl::_mkl_linear', 'mkldnn::_linear_pointwise', 'aten::addmm', 'aten::mm', 'aten::linear')
+
+def _compiled_op(e)->tuple:
+    "(kind, cin, cout, macs) of a conv or GEMM that a compiled graph calls, from the profiler's shapes and concrete arguments"
+    s,c = e.input_shapes,e.concrete_inputs
+    if e.name in _CONV_OPS:
+        at = 1 if e.name.endswith('_') else 0   # (the in-place binary conv takes the tensor it adds to first)
+        x,w = s[at],s[at+1]
+        if 'transpose' in e.name: return _transposed_row(x, w[2:], w[0], w[0]//c[7])   # (oneDNN's packed weight: out × in/groups × kernel)
+        if 'mkldnn' not in e.name and c[6]: return _transposed_row(x, w[2:], w[1]*c[8], w[1])
+        pad,stride,dil = (c[at+3], c[at+4], c[at+5]) if 'mkldnn' in e.name else (c[4], c[3], c[5])
+        per = lambda v: list(v)*(len(w)-2) if len(v)==1 else v
+        out = [x[0], w[0]] + [(i + 2*p - d*(k-1) - 1)//st + 1 for i,k,p,st,d in zip(x[2:], w[2:], per(pad), per(stride), per(dil))]
+        return _conv_row(x, w, out)
+    x = s[1] if e.name=='aten::addmm' else s[0]
+    n_out = (s[2][-1] if e.name=='aten::addmm' else s[1][-1] if e.name=='aten::mm' else s[2][0] if e.name=='mkl::_mkl_linear' else s[1][0])
+    return _linear_row(x, [*x[:-1], n_out])
+
+def _compiled_ops(model:nn.Module, x:Tensor, reps:int, options)->list[dict]:
+    "torch.profiler's record of `reps` calls of `compile_model(model)`: its convs and GEMMs one by one, everything else (inductor's own kernels) as 'other'"
+    from torch.profiler import profile, ProfilerActivity
+    run = compile_model(model, x, options); run(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        for _ in range(reps): run(x)
+    ev = p.events()
+    calls = [e for e in ev if e.name.startswith('## Call CompiledFxGraph')]
+    kernels = [e for e in ev if e.name in _CONV_OPS+_LINEAR_OPS and not (e.cpu_parent and e.cpu_parent.name in _CONV_OPS+_LINEAR_OPS)]
+    n = len(kernels)//reps
+    rows = [dict(node=f"{i%n}", op=e.name, **dict(zip(('kind', 'cin', 'cout', 'macs'), _compiled_op(e))), seconds=e.cpu_time_total*1e-6)
+            for i,e in enumerate(kernels)]
+    other = (sum(e.cpu_time_total for e in calls) - sum(e.cpu_time_total for e in kernels))*1e-6/reps
+    return rows + [dict(node='other', op='inductor', kind='other', cin=None, cout=None, macs=0, seconds=other)]*reps
+
+def runtime_profile(model:nn.Module, sample, batch:int=1,
+                    runtime:str='onnxruntime', # 'onnxruntime' (every node of its optimized graph) or 'compile' (`compile_model`: its convs and GEMMs)
+                    threads:int|None=None, # onnxruntime's threads (None: torch's); compile runs on torch's
+                    reps:int=3, options='fastest')->pd.DataFrame: # `compile_model`'s options
+    """Where the time goes in `runtime`: one row per op it runs on a batch of `batch` (the median of `reps` calls): its kind ('conv 3×3',
+    'depthwise 3×3', 'grouped 3×3', 'linear', or the runtime's op), channels, multiply-adds as run (onnxruntime's blocked layout pads channels to
+    its vector: those count), ms and GFLOP/s"""
+    if _runtime(runtime)=='eager': raise ValueError("runtime='eager': `roofline` times eager PyTorch layer by layer; pass 'onnxruntime' or 'compile'")
+    dev,_ = placement(model)
+    if dev.type!='cpu': raise ValueError(f"runtime_profile runs on the CPU: move the model there (it is on {dev})")
+    x = _batch_input(model, sample, check_number(batch, 'batch', 'a positive int, e.g. batch=1', lo=1, integer=True), dev, torch.contiguous_format)
+    ops = _ort_ops(model, x, threads, reps) if runtime=='onnxruntime' else _compiled_ops(model, x, reps, options)
+    df = pd.DataFrame(ops).groupby('node', sort=False).agg(op=('op', 'first'), kind=('kind', 'first'), cin=('cin', 'first'), cout=('cout', 'first'),
+                                                           macs=('macs', 'first'), ms=('seconds', 'median')).reset_index()
+    df['ms'] *= 1e3
+    return df.assign(gflops=2*df.macs/df.ms/1e6)
+
+def _decomposable(kind:str)->bool: return kind.startswith(('conv', 'grouped', 'transposed')) or kind=='linear'
+
+def speedup_ceiling(dense:pd.DataFrame, decomposed:pd.DataFrame)->pd.Series:
+    """The speed-up of `decomposed` over `dense` (`runtime_profile`s in one runtime, at one batch) against its ceiling: the ops a decomposition
+    does not take (depthwise convs, pooling, layout copies, the runtime's other kernels) keep their time, so with every conv and Linear
+    running its share of the multiply-adds at its dense rate the speed-up would be `ceiling`; `of_mac`, `ceiling_of_mac`: the two ÷ the
+    MAC ratio (both as run); `untouched_time`, `untouched_macs`: those ops' shares of the dense model's time and multiply-adds"""
+    (T0,M0),(T1,M1) = [(p.ms.sum(), p.macs.sum()) for p in (dense, decomposed)]
+    take = dense.kind.map(_decomposable)
+    Tu,Mu = dense.ms[~take].sum(),dense.macs[~take].sum()
+    ceiling,ratio = (T0/(Tu + (T0-Tu)*(M1-Mu)/(M0-Mu)) if M0>Mu else 1.),(M0/M1 if M1 else 1.)
+    return pd.Series(dict(speedup=T0/T1, mac_ratio=ratio, of_mac=T0/T1/ratio, ceiling=ceiling, ceiling_of_mac=ceiling/ratio,
+                          untouched_time=Tu/T0, untouched_macs=Mu/M0 if M0 else 1.))
+

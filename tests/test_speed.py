@@ -6,7 +6,8 @@ from fasterai_lr.all import *
 from fasterai_lr.factorize import factor_costs, kernel_costs
 from fasterai_lr.decompose import layer_ops, layer_costs
 from fasterai_lr.ranks import SpeedModel, slow_options, fast_curves
-from fasterai_lr.latency import measured_speed, roofline, plot_roofline
+import pandas as pd
+from fasterai_lr.latency import measured_speed, roofline, plot_roofline, runtime_profile, speedup_ceiling, COMPILE_OPTIONS
 
 def digits_like():
     "The shape of the trained digits CNN of bench/: two 3×3 conv stages on 8×8, then two Linears"
@@ -179,6 +180,45 @@ def test_measured_speed_in_a_runtime():
     assert n_params(small) <= 0.5*n_params(net) + 1
     with pytest.raises(ValueError, match="unknown runtime='ort'"): measured_speed(runtime='ort')
     with pytest.raises(ValueError, match="device='cpu'"): measured_speed(device='meta', runtime='onnxruntime')
+
+# ---- where the time goes in a runtime, and the ceiling
+
+def profiled_grid():
+    "Convs of every setting the profile reads (stride, padding, dilation, non-square kernels, groups, depthwise, 1-D, transposed) and a Linear, channels in 16s (the blocked layout pads none)"
+    return nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, (1, 3), padding=(0, 2), dilation=2),
+                         nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 64, 3, padding='same', groups=2),
+                         nn.ConvTranspose2d(64, 32, 2, stride=2), nn.ConvTranspose2d(32, 32, 3, padding=1, groups=2, dilation=1), nn.Flatten(2), nn.Conv1d(32, 16, 5, stride=3), nn.Flatten(), nn.Linear(16*84, 16)).eval()
+
+@pytest.mark.parametrize('runtime,options', [('onnxruntime', None), ('compile', COMPILE_OPTIONS), ('compile', None)])
+def test_runtime_profile(runtime, options):
+    "Every conv and Linear the runtime runs is a row of its kind, their multiply-adds are the model's, times are positive"
+    net = profiled_grid()
+    p = runtime_profile(net, (16, 16, 16), batch=4, runtime=runtime, options=options, reps=2)
+    kinds = p.kind[p.macs > 0].tolist()
+    assert kinds == ['conv 3×3', 'conv 1×3', 'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'transposed 3×3', 'conv 5', 'linear'], kinds
+    assert p.macs.sum() == 4*model_macs(net, (16, 16, 16)) and (p.ms > 0).all()
+    assert (p.cin[p.macs > 0].tolist(), p.cout[p.macs > 0].tolist()) == ([16, 32, 32, 32, 64, 32, 32, 1344], [32, 32, 32, 64, 32, 32, 16, 16])
+    if runtime=='compile': assert p.node.iloc[-1] == 'other'
+
+def test_speedup_ceiling():
+    "Untouched ops keep their time: the ceiling from figures, a model of no decomposable op, and two real profiles"
+    prof = lambda ms, macs, kinds: pd.DataFrame(dict(ms=ms, macs=macs, kind=kinds))
+    kinds = ['conv 1×1', 'depthwise 3×3', 'MaxPool']
+    c = speedup_ceiling(prof([50, 40, 10], [90, 10, 0], kinds), prof([40, 40, 10], [30, 10, 0], kinds))
+    assert c.ceiling == pytest.approx(100/(50 + 50*30/90)) and c.ceiling_of_mac == pytest.approx(c.ceiling*40/100)
+    assert [c.speedup, c.of_mac, c.untouched_time, c.untouched_macs] == pytest.approx([100/90, 100/90*40/100, 0.5, 0.1])
+    assert speedup_ceiling(prof([5], [0], ['MaxPool']), prof([5], [0], ['MaxPool'])).ceiling == 1
+    net = profiled_grid()
+    dense = runtime_profile(net, (16, 16, 16), batch=2, reps=1)
+    c = speedup_ceiling(dense, runtime_profile(decompose_model(net, 'tucker', keep=0.5, quiet=True)[0], (16, 16, 16), batch=2, reps=1))
+    dw = dense.kind.str.startswith('depthwise') | (dense.macs == 0)
+    assert c.untouched_time == pytest.approx(dense.ms[dw].sum()/dense.ms.sum()) and c.mac_ratio > 1.5
+
+def test_runtime_profile_refuses():
+    with pytest.raises(ValueError, match="pass 'onnxruntime' or 'compile'"): runtime_profile(nn.Linear(4, 4), (4,), runtime='eager')
+    with pytest.raises(ValueError, match="unknown runtime='ort'"): runtime_profile(nn.Linear(4, 4), (4,), runtime='ort')
+    with pytest.raises(ValueError, match=r'batch=0 is outside \[1'): runtime_profile(nn.Linear(4, 4), (4,), batch=0)
+    with pytest.raises(ValueError, match="on the CPU"): runtime_profile(nn.Linear(4, 4).to('meta'), (4,))
 
 # ---- timing in a runtime
 
