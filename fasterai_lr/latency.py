@@ -645,7 +645,7 @@ def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
     ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
     return ax
 
-# %% ../nbs/07_latency.ipynb #a8c5b746
+# %% ../nbs/07_latency.ipynb #a7ec5aee
 def _conv_row(x:list, w:list, out:list)->tuple:
     "(kind, input channels, output channels, multiply-adds) of a conv with input shape `x`, weight shape `w` and output shape `out`"
     cin,g = x[1],x[1]//max(w[1], 1); k = '×'.join(map(str, w[2:]))
@@ -664,9 +664,9 @@ def _ort_ops(model:nn.Module, x:Tensor, threads, reps:int)->list[dict]:
     run = OrtRunner(model, x, threads, profile=Path(tempfile.mkdtemp())/'ort')
     for _ in range(reps+1): run(x)
     import onnx
-    g = onnx.load(str(run.path)).graph   # (onnxruntime's profile leaves out a transposed conv's weight: the exported graph has it)
-    dims = {i.name: list(i.dims) for i in g.initializer}
-    weights = {n.name: dims.get(n.input[1]) for n in g.node if n.op_type=='ConvTranspose'}
+    g = onnx.load(str(run.path)).graph   # (onnxruntime's profile leaves out a transposed conv's weight, and does not say which
+    dims = {i.name: list(i.dims) for i in g.initializer}   #  MatMuls take a weight (a Linear) and which two activations: the graph does)
+    weights = {n.name: dims.get(n.input[1]) for n in g.node if n.op_type in ('ConvTranspose', 'MatMul')}
     rows,seen = [],collections.Counter()
     for e in json.loads(Path(run.session.end_profiling()).read_text()):
         if e.get('cat')!='Node' or not e['name'].endswith('_kernel_time'): continue
@@ -676,12 +676,13 @@ def _ort_ops(model:nn.Module, x:Tensor, threads, reps:int)->list[dict]:
         ins,(out,) = [[*s.values()][0] for s in a['input_type_shape']],[[*s.values()][0] for s in a['output_type_shape'][:1]]
         op = a['op_name']
         kind,cin,cout,macs = (_conv_row(ins[0], ins[1], out) if op.endswith('Conv') else _transposed_row(ins[0], (w := weights[node])[2:], out[1], w[1]) if op=='ConvTranspose' else
-                              _linear_row(ins[0], out) if op in ('Gemm', 'MatMul', 'FusedGemm', 'FusedMatMul') else (op, None, None, 0))
+                              _linear_row(ins[0], out) if op in ('Gemm', 'FusedGemm') or op=='MatMul' and weights.get(node) else
+                              ('matmul', ins[0][-1], out[-1], math.prod(out)*ins[0][-1]) if op in ('MatMul', 'FusedMatMul') else (op, None, None, 0))
         rows.append(dict(node=node, op=op, kind=kind, cin=cin, cout=cout, macs=macs, seconds=e['dur']*1e-6))
     return rows
 
 _CONV_OPS = ('mkldnn::_convolution_pointwise', 'mkldnn::_convolution_pointwise_', 'mkldnn::_convolution_transpose_pointwise', 'aten::convolution', 'aten::_convolution', 'aten::mkldnn_convolution')
-_LINEAR_OPS = ('mkl::_mkl_linear', 'mkldnn::_linear_pointwise', 'aten::addmm', 'aten::mm', 'aten::linear')
+_LINEAR_OPS = ('mkl::_mkl_linear', 'mkldnn::_linear_pointwise', 'aten::addmm', 'aten::mm', 'aten::linear', 'aten::bmm')
 
 def _compiled_op(e)->tuple:
     "(kind, cin, cout, macs) of a conv or GEMM that a compiled graph calls, from the profiler's shapes and concrete arguments"
@@ -695,6 +696,7 @@ def _compiled_op(e)->tuple:
         per = lambda v: list(v)*(len(w)-2) if len(v)==1 else v
         out = [x[0], w[0]] + [(i + 2*p - d*(k-1) - 1)//st + 1 for i,k,p,st,d in zip(x[2:], w[2:], per(pad), per(stride), per(dil))]
         return _conv_row(x, w, out)
+    if e.name=='aten::bmm': return 'matmul', s[0][-1], s[1][-1], math.prod(s[0])*s[1][-1]   # (two activations, as attention's)
     x = s[1] if e.name=='aten::addmm' else s[0]
     n_out = (s[2][-1] if e.name=='aten::addmm' else s[1][-1] if e.name=='aten::mm' else s[2][0] if e.name=='mkl::_mkl_linear' else s[1][0])
     return _linear_row(x, [*x[:-1], n_out])
@@ -719,7 +721,7 @@ def runtime_profile(model:nn.Module, sample, batch:int=1,
                     threads:int|None=None, # onnxruntime's threads (None: torch's); compile runs on torch's
                     reps:int=3, options='fastest')->pd.DataFrame: # `compile_model`'s options
     """Where the time goes in `runtime`: one row per op it runs on a batch of `batch` (the median of `reps` calls): its kind ('conv 3×3',
-    'depthwise 3×3', 'grouped 3×3', 'linear', or the runtime's op), channels, multiply-adds as run (onnxruntime's blocked layout pads channels to
+    'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'linear', 'matmul' (of two activations, as attention's), or the runtime's op), channels, multiply-adds as run (onnxruntime's blocked layout pads channels to
     its vector: those count), ms and GFLOP/s"""
     if _runtime(runtime)=='eager': raise ValueError("runtime='eager': `roofline` times eager PyTorch layer by layer; pass 'onnxruntime' or 'compile'")
     dev,_ = placement(model)

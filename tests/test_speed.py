@@ -214,6 +214,19 @@ def test_speedup_ceiling():
     dw = dense.kind.str.startswith('depthwise') | (dense.macs == 0)
     assert c.untouched_time == pytest.approx(dense.ms[dw].sum()/dense.ms.sum()) and c.mac_ratio > 1.5
 
+class Attention(nn.Module):
+    "Two Linears whose outputs meet in a product of activations (attention's), a second such product, and a Linear head"
+    def __init__(self): super().__init__(); self.q,self.k,self.o = nn.Linear(32, 32),nn.Linear(32, 32),nn.Linear(32, 10)
+    def forward(self, x): return self.o(((self.q(x) @ self.k(x).transpose(1, 2)).softmax(-1) @ x).mean(1))
+
+def test_runtime_profile_matmuls():
+    "A product of two activations is a 'matmul', which no decomposition takes; a MatMul with a weight is a Linear"
+    net = Attention().eval()
+    p = runtime_profile(net, (16, 32), batch=2, reps=1)
+    assert sorted(p.kind[p.macs > 0]) == ['linear']*3 + ['matmul']*2 and p.macs.sum() == 2*model_macs(net, torch.randn(1, 16, 32))
+    c = speedup_ceiling(p, p)
+    assert c.untouched_macs == pytest.approx(p.macs[p.kind=='matmul'].sum()/p.macs.sum()) and c.ceiling == pytest.approx(1)
+
 def test_runtime_profile_refuses():
     with pytest.raises(ValueError, match="pass 'onnxruntime' or 'compile'"): runtime_profile(nn.Linear(4, 4), (4,), runtime='eager')
     with pytest.raises(ValueError, match="unknown runtime='ort'"): runtime_profile(nn.Linear(4, 4), (4,), runtime='ort')
