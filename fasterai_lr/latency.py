@@ -645,7 +645,7 @@ def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
     ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
     return ax
 
-# %% ../nbs/07_latency.ipynb #a7ec5aee
+# %% ../nbs/07_latency.ipynb #3cd89113
 def _conv_row(x:list, w:list, out:list)->tuple:
     "(kind, input channels, output channels, multiply-adds) of a conv with input shape `x`, weight shape `w` and output shape `out`"
     cin,g = x[1],x[1]//max(w[1], 1); k = '×'.join(map(str, w[2:]))
@@ -658,12 +658,19 @@ def _transposed_row(x:list, kernel:list, cout:int, per_group:int)->tuple:
 
 def _linear_row(x:list, out:list)->tuple: return 'linear', x[-1], out[-1], math.prod(out)*x[-1]
 
+def _ort_row(op:str, ins:list, out:list, w:list|None)->tuple:
+    "(kind, cin, cout, macs) of an onnxruntime node `op` with input shapes `ins`, output shape `out` and `w`, its weight's in the exported graph"
+    if op.endswith('Conv'): return _conv_row(ins[0], ins[1], out)
+    if op=='ConvTranspose' and w: return _transposed_row(ins[0], w[2:], out[1], w[1])
+    if op in ('Gemm', 'FusedGemm') or op=='MatMul' and w: return _linear_row(ins[0], out)
+    if op in ('MatMul', 'FusedMatMul'): return 'matmul', ins[0][-1], out[-1], math.prod(out)*ins[0][-1]   # (two activations, as attention's)
+    return op, None, None, 0
+
 def _ort_ops(model:nn.Module, x:Tensor, threads, reps:int)->list[dict]:
     "onnxruntime's profile of `reps` calls after one: {node: the optimized graph's node, op, kind, cin, cout, macs, seconds} per node and call"
-    import tempfile
+    import onnx, tempfile
     run = OrtRunner(model, x, threads, profile=Path(tempfile.mkdtemp())/'ort')
     for _ in range(reps+1): run(x)
-    import onnx
     g = onnx.load(str(run.path)).graph   # (onnxruntime's profile leaves out a transposed conv's weight, and does not say which
     dims = {i.name: list(i.dims) for i in g.initializer}   #  MatMuls take a weight (a Linear) and which two activations: the graph does)
     weights = {n.name: dims.get(n.input[1]) for n in g.node if n.op_type in ('ConvTranspose', 'MatMul')}
@@ -674,11 +681,8 @@ def _ort_ops(model:nn.Module, x:Tensor, threads, reps:int)->list[dict]:
         seen[node] += 1
         if seen[node]==1: continue   # (the first call: warm-up)
         ins,(out,) = [[*s.values()][0] for s in a['input_type_shape']],[[*s.values()][0] for s in a['output_type_shape'][:1]]
-        op = a['op_name']
-        kind,cin,cout,macs = (_conv_row(ins[0], ins[1], out) if op.endswith('Conv') else _transposed_row(ins[0], (w := weights[node])[2:], out[1], w[1]) if op=='ConvTranspose' else
-                              _linear_row(ins[0], out) if op in ('Gemm', 'FusedGemm') or op=='MatMul' and weights.get(node) else
-                              ('matmul', ins[0][-1], out[-1], math.prod(out)*ins[0][-1]) if op in ('MatMul', 'FusedMatMul') else (op, None, None, 0))
-        rows.append(dict(node=node, op=op, kind=kind, cin=cin, cout=cout, macs=macs, seconds=e['dur']*1e-6))
+        kind,cin,cout,macs = _ort_row(a['op_name'], ins, out, weights.get(node))
+        rows.append(dict(node=node, op=a['op_name'], kind=kind, cin=cin, cout=cout, macs=macs, seconds=e['dur']*1e-6))
     return rows
 
 _CONV_OPS = ('mkldnn::_convolution_pointwise', 'mkldnn::_convolution_pointwise_', 'mkldnn::_convolution_transpose_pointwise', 'aten::convolution', 'aten::_convolution', 'aten::mkldnn_convolution')
@@ -714,15 +718,15 @@ def _compiled_ops(model:nn.Module, x:Tensor, reps:int, options)->list[dict]:
     rows = [dict(node=f"{i%n}", op=e.name, **dict(zip(('kind', 'cin', 'cout', 'macs'), _compiled_op(e))), seconds=e.cpu_time_total*1e-6)
             for i,e in enumerate(kernels)]
     other = (sum(e.cpu_time_total for e in calls) - sum(e.cpu_time_total for e in kernels))*1e-6/reps
-    return rows + [dict(node='other', op='inductor', kind='other', cin=None, cout=None, macs=0, seconds=other)]*reps
+    return rows + [dict(node='other', op='inductor', kind='other', cin=None, cout=None, macs=0, seconds=other)]
 
 def runtime_profile(model:nn.Module, sample, batch:int=1,
                     runtime:str='onnxruntime', # 'onnxruntime' (every node of its optimized graph) or 'compile' (`compile_model`: its convs and GEMMs)
                     threads:int|None=None, # onnxruntime's threads (None: torch's); compile runs on torch's
                     reps:int=3, options='fastest')->pd.DataFrame: # `compile_model`'s options
     """Where the time goes in `runtime`: one row per op it runs on a batch of `batch` (the median of `reps` calls): its kind ('conv 3×3',
-    'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'linear', 'matmul' (of two activations, as attention's), or the runtime's op), channels, multiply-adds as run (onnxruntime's blocked layout pads channels to
-    its vector: those count), ms and GFLOP/s"""
+    'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'linear', 'matmul' (of two activations, as attention's), or the runtime's op),
+    channels, multiply-adds as run (onnxruntime's blocked layout pads channels to its vector: those count), ms and GFLOP/s"""
     if _runtime(runtime)=='eager': raise ValueError("runtime='eager': `roofline` times eager PyTorch layer by layer; pass 'onnxruntime' or 'compile'")
     dev,_ = placement(model)
     if dev.type!='cpu': raise ValueError(f"runtime_profile runs on the CPU: move the model there (it is on {dev})")
