@@ -645,7 +645,7 @@ def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
     ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
     return ax
 
-# %% ../nbs/07_latency.ipynb #3cd89113
+# %% ../nbs/07_latency.ipynb #9cde510d
 def _conv_row(x:list, w:list, out:list)->tuple:
     "(kind, input channels, output channels, multiply-adds) of a conv with input shape `x`, weight shape `w` and output shape `out`"
     cin,g = x[1],x[1]//max(w[1], 1); k = '×'.join(map(str, w[2:]))
