@@ -51,6 +51,12 @@ def test_every_notebook_has_one_place_in_the_navigation():
     assert sorted(order) == nbs and len(set(order)) == len(order), (order, nbs)
     assert order[0] == 'index.ipynb'
 
+def test_every_cell_has_a_fixed_id():
+    "nbdev-export heads each exported cell with its id; a cell without one is given a random id at each read, so the export would never match"
+    missing = [f"{p.relative_to(NBS)} cell {i}" for p in sorted(NBS.rglob('*.ipynb')) if '.ipynb_checkpoints' not in p.parts
+               for i,c in enumerate(json.loads(p.read_text())['cells']) if not c.get('id')]
+    assert not missing, f"cells without an id (add one, e.g. 8 hex digits): {missing}"
+
 def test_readme_is_written_from_the_index():
     text = docs.readme(NBS/'index.ipynb')
     assert text.startswith('# fasterai_lr\n\n```bash\nbash tools/setup.sh && .venv/bin/fasterai_lr demo'), "the README must open with the two newcomer commands"
