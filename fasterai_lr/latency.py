@@ -645,7 +645,7 @@ def plot_roofline(tables:dict, speed:SpeedModel, ax=None):
     ax.legend(fontsize=8); ax.grid(True, which='both', alpha=.2)
     return ax
 
-# %% ../nbs/07_latency.ipynb #9cde510d
+# %% ../nbs/07_latency.ipynb #eb9ed9f6
 def _conv_row(x:list, w:list, out:list)->tuple:
     "(kind, input channels, output channels, multiply-adds) of a conv with input shape `x`, weight shape `w` and output shape `out`"
     cin,g = x[1],x[1]//max(w[1], 1); k = '×'.join(map(str, w[2:]))
@@ -726,7 +726,8 @@ def runtime_profile(model:nn.Module, sample, batch:int=1,
                     reps:int=3, options='fastest')->pd.DataFrame: # `compile_model`'s options
     """Where the time goes in `runtime`: one row per op it runs on a batch of `batch` (the median of `reps` calls): its kind ('conv 3×3',
     'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'linear', 'matmul' (of two activations, as attention's), or the runtime's op),
-    channels, multiply-adds as run (onnxruntime's blocked layout pads channels to its vector: those count), ms and GFLOP/s"""
+    channels, multiply-adds as run (onnxruntime's blocked layout pads channels to its vector: those count), ms and GFLOP/s; `attrs`
+    says where it ran (runtime, batch, threads), which `speedup_ceiling` checks"""
     if _runtime(runtime)=='eager': raise ValueError("runtime='eager': `roofline` times eager PyTorch layer by layer; pass 'onnxruntime' or 'compile'")
     dev,_ = placement(model)
     if dev.type!='cpu': raise ValueError(f"runtime_profile runs on the CPU: move the model there (it is on {dev})")
@@ -735,7 +736,9 @@ def runtime_profile(model:nn.Module, sample, batch:int=1,
     df = pd.DataFrame(ops).groupby('node', sort=False).agg(op=('op', 'first'), kind=('kind', 'first'), cin=('cin', 'first'), cout=('cout', 'first'),
                                                            macs=('macs', 'first'), ms=('seconds', 'median')).reset_index()
     df['ms'] *= 1e3
-    return df.assign(gflops=2*df.macs/df.ms/1e6)
+    df = df.assign(gflops=2*df.macs/df.ms/1e6)
+    df.attrs.update(runtime=runtime, batch=batch, threads=threads or torch.get_num_threads())
+    return df
 
 def _decomposable(kind:str)->bool: return kind.startswith(('conv', 'grouped', 'transposed')) or kind=='linear'
 
@@ -744,6 +747,12 @@ def speedup_ceiling(dense:pd.DataFrame, decomposed:pd.DataFrame)->pd.Series:
     does not take (depthwise convs, pooling, layout copies, the runtime's other kernels) keep their time, so with every conv and Linear
     running its share of the multiply-adds at its dense rate the speed-up would be `ceiling`; `of_mac`, `ceiling_of_mac`: the two ÷ the
     MAC ratio (both as run); `untouched_time`, `untouched_macs`: those ops' shares of the dense model's time and multiply-adds"""
+    for name,p in (('dense', dense), ('decomposed', decomposed)):
+        if not isinstance(p, pd.DataFrame) or not {'kind', 'ms', 'macs'} <= set(p.columns):
+            raise TypeError(f"{name}= is a {type(p).__name__}{'' if not isinstance(p, pd.DataFrame) else ' without the columns kind, ms, macs'}: pass a `runtime_profile`")
+    for k in ('runtime', 'batch', 'threads'):
+        a,b = dense.attrs.get(k),decomposed.attrs.get(k)
+        if None not in (a, b) and a!=b: raise ValueError(f"the dense profile ran at {k}={a!r}, the decomposed one at {k}={b!r}: profile both with the same {k}")
     (T0,M0),(T1,M1) = [(p.ms.sum(), p.macs.sum()) for p in (dense, decomposed)]
     take = dense.kind.map(_decomposable)
     Tu,Mu = dense.ms[~take].sum(),dense.macs[~take].sum()

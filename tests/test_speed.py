@@ -199,6 +199,7 @@ def test_runtime_profile(runtime, options):
     assert p.macs.sum() == 4*model_macs(net, (16, 16, 16)) and (p.ms > 0).all()
     assert (p.cin[p.macs > 0].tolist(), p.cout[p.macs > 0].tolist()) == ([16, 32, 32, 32, 64, 32, 32, 1344], [32, 32, 32, 64, 32, 32, 16, 16])
     if runtime=='compile': assert p.node.iloc[-1] == 'other'
+    assert p.attrs == dict(runtime=runtime, batch=4, threads=torch.get_num_threads())
 
 def test_speedup_ceiling():
     "Untouched ops keep their time: the ceiling from figures, a model of no decomposable op, and two real profiles"
@@ -214,6 +215,33 @@ def test_speedup_ceiling():
     dw = dense.kind.str.startswith('depthwise') | (dense.macs == 0)
     assert c.untouched_time == pytest.approx(dense.ms[dw].sum()/dense.ms.sum()) and c.mac_ratio > 1.5
 
+@pytest.mark.parametrize('runtime', ['onnxruntime', 'compile'])
+def test_profile_of_a_model_the_callback_decomposed(runtime):
+    "Composed: the model a calibrated MAC budget swapped in mid-fit (training mode, BatchNorms, factor blocks) profiles in the runtime, leaves it as it was, and fine-tunes on"
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.callback.schedule import fit_one_cycle
+    from torch.utils.data import TensorDataset, DataLoader
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64*16, 128), nn.ReLU(), nn.Linear(128, 10))
+    X, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    dls = DataLoaders(*[DataLoader(TensorDataset(X, y), batch_size=16) for _ in range(2)])
+    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss())
+    dense = runtime_profile(learn.model, (1, 8, 8), batch=4, runtime=runtime, reps=1)
+    cb = DecomposeCallback(start_epoch=1, rank=Budget(macs=0.5), calib=True, verbose=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3, cbs=cb)
+    m = learn.model.train()
+    before = {k: v.clone() for k,v in m.state_dict().items()}
+    p = runtime_profile(m, (1, 8, 8), batch=4, runtime=runtime, reps=1)
+    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k,v in before.items())
+    convs = p.macs[p.kind.map(lambda k: k.startswith(('conv', 'linear')))].sum()
+    assert convs >= 4*model_macs(m, (1, 8, 8)) > 0 and (convs == 4*model_macs(m, (1, 8, 8)) or runtime=='onnxruntime')   # (onnxruntime pads channels to its block)
+    c = speedup_ceiling(dense, p)
+    assert c.mac_ratio > 1.5 and 0 < c.ceiling_of_mac <= 1 + 1e-9
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4)
+    assert math.isfinite(learn.recorder.losses[-1])
+
 class Attention(nn.Module):
     "Two Linears whose outputs meet in a product of activations (attention's), a second such product, and a Linear head"
     def __init__(self): super().__init__(); self.q,self.k,self.o = nn.Linear(32, 32),nn.Linear(32, 32),nn.Linear(32, 10)
@@ -226,6 +254,16 @@ def test_runtime_profile_matmuls():
     assert sorted(p.kind[p.macs > 0]) == ['linear']*3 + ['matmul']*2 and p.macs.sum() == 2*model_macs(net, torch.randn(1, 16, 32))
     c = speedup_ceiling(p, p)
     assert c.untouched_macs == pytest.approx(p.macs[p.kind=='matmul'].sum()/p.macs.sum()) and c.ceiling == pytest.approx(1)
+
+def test_speedup_ceiling_refuses():
+    "Two profiles from different runtimes, batches or threads do not compare; a table that is not a profile is named"
+    prof = lambda **at: pd.DataFrame(dict(ms=[5.], macs=[9], kind=['conv 1×1'])).pipe(lambda d: d.attrs.update(at) or d)
+    base = dict(runtime='onnxruntime', batch=64, threads=1)
+    for k,v in (('runtime', 'compile'), ('batch', 1), ('threads', 2)):
+        with pytest.raises(ValueError, match=f"dense profile ran at {k}={base[k]!r}, the decomposed one at {k}={v!r}"): speedup_ceiling(prof(**base), prof(**{**base, k: v}))
+    assert speedup_ceiling(prof(**base), prof()).ceiling == 1   # (a table of one's own, without attrs: taken as it is)
+    with pytest.raises(TypeError, match="decomposed= is a Series: pass a `runtime_profile`"): speedup_ceiling(prof(), prof().ms)
+    with pytest.raises(TypeError, match="dense= is a DataFrame without the columns kind, ms, macs"): speedup_ceiling(prof().drop(columns='kind'), prof())
 
 def test_runtime_profile_refuses():
     with pytest.raises(ValueError, match="pass 'onnxruntime' or 'compile'"): runtime_profile(nn.Linear(4, 4), (4,), runtime='eager')
