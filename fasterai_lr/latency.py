@@ -737,7 +737,7 @@ def runtime_profile(model:nn.Module, sample, batch:int=1,
                                                            macs=('macs', 'first'), ms=('seconds', 'median')).reset_index()
     df['ms'] *= 1e3
     df = df.assign(gflops=2*df.macs/df.ms/1e6)
-    df.attrs.update(runtime=runtime, batch=batch, threads=threads or torch.get_num_threads())
+    df.attrs.update(runtime=runtime, batch=batch, threads=(threads if runtime=='onnxruntime' else None) or torch.get_num_threads())   # (compile runs on torch's)
     return df
 
 def _decomposable(kind:str)->bool: return kind.startswith(('conv', 'grouped', 'transposed')) or kind=='linear'
@@ -748,8 +748,8 @@ def speedup_ceiling(dense:pd.DataFrame, decomposed:pd.DataFrame)->pd.Series:
     running its share of the multiply-adds at its dense rate the speed-up would be `ceiling`; `of_mac`, `ceiling_of_mac`: the two ÷ the
     MAC ratio (both as run); `untouched_time`, `untouched_macs`: those ops' shares of the dense model's time and multiply-adds"""
     for name,p in (('dense', dense), ('decomposed', decomposed)):
-        if not isinstance(p, pd.DataFrame) or not {'kind', 'ms', 'macs'} <= set(p.columns):
-            raise TypeError(f"{name}= is a {type(p).__name__}{'' if not isinstance(p, pd.DataFrame) else ' without the columns kind, ms, macs'}: pass a `runtime_profile`")
+        if not isinstance(p, pd.DataFrame): raise TypeError(f"{name}= is a {type(p).__name__}: pass a `runtime_profile`")
+        if not {'kind', 'ms', 'macs'} <= set(p.columns): raise TypeError(f"{name}= is a DataFrame without the columns kind, ms, macs: pass a `runtime_profile`")
     for k in ('runtime', 'batch', 'threads'):
         a,b = dense.attrs.get(k),decomposed.attrs.get(k)
         if None not in (a, b) and a!=b: raise ValueError(f"the dense profile ran at {k}={a!r}, the decomposed one at {k}={b!r}: profile both with the same {k}")

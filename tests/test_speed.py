@@ -193,7 +193,7 @@ def profiled_grid():
 def test_runtime_profile(runtime, options):
     "Every conv and Linear the runtime runs is a row of its kind, their multiply-adds are the model's, times are positive"
     net = profiled_grid()
-    p = runtime_profile(net, (16, 16, 16), batch=4, runtime=runtime, options=options, reps=2)
+    p = runtime_profile(net, (16, 16, 16), batch=4, runtime=runtime, options=options, reps=2, threads=2 if runtime=='compile' else None)   # (compile runs on torch's)
     kinds = p.kind[p.macs > 0].tolist()
     assert kinds == ['conv 3×3', 'conv 1×3', 'depthwise 3×3', 'grouped 3×3', 'transposed 2×2', 'transposed 3×3', 'conv 5', 'linear'], kinds
     assert p.macs.sum() == 4*model_macs(net, (16, 16, 16)) and (p.ms > 0).all()
@@ -217,17 +217,12 @@ def test_speedup_ceiling():
 
 @pytest.mark.parametrize('runtime', ['onnxruntime', 'compile'])
 def test_profile_of_a_model_the_callback_decomposed(runtime):
-    "Composed: the model a calibrated MAC budget swapped in mid-fit (training mode, BatchNorms, factor blocks) profiles in the runtime, leaves it as it was, and fine-tunes on"
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
+    "Composed: the digits CNN a calibrated MAC budget swapped in mid-fit (training mode, BatchNorms, factor blocks) profiles in the runtime, is left as it was, and fine-tunes on"
     from fastai.callback.schedule import fit_one_cycle
-    from torch.utils.data import TensorDataset, DataLoader
+    from fasterai_lr.cli import digits_dls, digits_learner
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64*16, 128), nn.ReLU(), nn.Linear(128, 10))
-    X, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    dls = DataLoaders(*[DataLoader(TensorDataset(X, y), batch_size=16) for _ in range(2)])
-    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss())
+    learn = digits_learner(digits_dls(bs=128), c=16)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-3)
     dense = runtime_profile(learn.model, (1, 8, 8), batch=4, runtime=runtime, reps=1)
     cb = DecomposeCallback(start_epoch=1, rank=Budget(macs=0.5), calib=True, verbose=False)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3, cbs=cb)
@@ -239,8 +234,8 @@ def test_profile_of_a_model_the_callback_decomposed(runtime):
     assert convs >= 4*model_macs(m, (1, 8, 8)) > 0 and (convs == 4*model_macs(m, (1, 8, 8)) or runtime=='onnxruntime')   # (onnxruntime pads channels to its block)
     c = speedup_ceiling(dense, p)
     assert c.mac_ratio > 1.5 and 0 < c.ceiling_of_mac <= 1 + 1e-9
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4)
-    assert math.isfinite(learn.recorder.losses[-1])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4); loss,acc = learn.validate()[:2]
+    assert math.isfinite(loss) and acc > 0.8, acc   # (the dense model: 0.90, decomposed and fine-tuned: 0.89)
 
 class Attention(nn.Module):
     "Two Linears whose outputs meet in a product of activations (attention's), a second such product, and a Linear head"
