@@ -8,7 +8,7 @@ decomposition's own. Variants, per model and batch:
     keep=0.5 exact  the same with round_to=1: the exact ranks, not multiples of 8 (the default since ranks off the 8-channel block
               take a conv out of onnxruntime's NCHWc layout); keep=0.5 r16: round_to=16 (the block on AVX-512)
     latency   LatencyBudget(keep=0.5, batch=B, baseline='as_run'): half the folded dense model's latency, measured layer by layer in
-              eager PyTorch, with the least error; then `optimize`
+              eager PyTorch on --device, with the least error; then `optimize`; aware: LatencyAware(keep=0.5) timed the same way
     aware-ort, latency-ort: LatencyAware(keep=0.5) / LatencyBudget(keep=0.5) timed in onnxruntime (`runtime_timer`): each layer's
               method and rank chosen by the time it takes there; aware-compile, latency-compile: the same timed in `compile_model`
     params=0.5  Budget(params=0.5) with its speed guard (the default)
@@ -28,8 +28,11 @@ random weights (timing does not depend on the values).
 --ceiling: each variant's `runtime_profile` in onnxruntime and compile, and its `speedup_ceiling` against the dense model's: the share
 of time and of multiply-adds in ops a decomposition does not take (depthwise convs, pooling, layout copies, inductor's own kernels),
 and the most speed-up ÷ MAC ratio (as run) that leaves, were every conv and Linear to run its share of the multiply-adds at its dense rate.
+--device cuda: eager and compile on the GPU (onnxruntime only where it has its CUDA provider), in each of --dtypes (float32,
+bfloat16, float16: the models decomposed in float32, then cast; the latency rules time their layers in float32); --deadline S: past S
+seconds no runtime is started for a new model and batch (a lease on a GPU machine), the table shows what was measured.
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
-                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|tuned-nchw|plain] [--reuse-memory] [--ceiling] [--out bench/out/runtimes.txt]
+                              [--threads 1] [--reps 5] [--size 224] [--budgets 0.26,0.5] [--compile fastest|tuned|tuned-nchw|plain] [--reuse-memory] [--ceiling] [--device cuda] [--dtypes float32,bfloat16] [--deadline 480] [--out bench/out/runtimes.txt]
 On a 2-core machine shared with other work: --threads 1 (the default here), and other jobs under `nice -n 19`.
 """
 import argparse, copy, gc, os, subprocess, sys, time, traceback, warnings, torch
@@ -65,10 +68,11 @@ def variants(name, model, sample, batch, a)->dict:
     if 'keep=0.5 exact' in a.variants: add('keep=0.5 exact', lambda: dec(keep=0.5, round_to=1))
     if 'keep=0.5 r16' in a.variants: add('keep=0.5 r16', lambda: dec(keep=0.5, round_to=16))
     def latency():
-        lb = LatencyBudget(keep=0.5, batch=batch, baseline='as_run')
+        lb = LatencyBudget(keep=0.5, batch=batch, baseline='as_run', device=a.device)
         m, note = dec(rank=lb)
         return m, f"{note}; planned at {lb.achieved:.2f} of the folded dense latency"
     if 'latency' in a.variants: add('latency', latency)
+    if 'aware' in a.variants: add('aware', lambda: dec(rank=LatencyAware(keep=0.5, batch=batch, device=a.device)))
     def timed_rule(kind, runtime):
         t = runtime_timer(runtime, a.threads, reps=3)
         rule = LatencyAware(keep=0.5, batch=batch, timer=t) if kind=='aware' else LatencyBudget(keep=0.5, batch=batch, baseline='as_run', timer=t)
@@ -105,23 +109,36 @@ def runners(mods:dict, x, runtime:str, a)->tuple[dict,str]:
     out = {v: compile_model(m, x, compile_options(a), torch.channels_last if a.compile in ('fastest', 'tuned') else None) for v,m in mods.items()}
     return out, 'inductor options: ' + ', '.join(f"{v} {'tuned' if r.options==COMPILE_OPTIONS else r.options or 'defaults'}" for v,r in out.items())
 
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+SHORT = {'float32': '', 'bfloat16': ' bf16', 'float16': ' fp16'}
+
 def rows_for(name, batch, a, say)->list:
     model, sample, data = digits_model() if name=='digits' else (*build(name), None)
     sample = sample or (3, a.size, a.size)
-    x = torch.randn(batch, *sample)
     built = variants(name, model, sample, batch, a)
-    mods = {v: m for v,(m,_) in built.items() if m is not None}
-    M0 = model_macs(mods['dense'], sample)
+    cpu = {v: m for v,(m,_) in built.items() if m is not None}
+    M0 = model_macs(cpu['dense'], sample)
+    rows = []
+    for dt in a.dtypes:
+        mods = {v: copy.deepcopy(m).to(a.device, DTYPES[dt]) for v,m in cpu.items()}
+        x = torch.randn(batch, *sample, device=a.device, dtype=DTYPES[dt])
+        rows += timed_rows(name + SHORT[dt], batch, built, cpu, mods, x, M0, sample, data, a, say)
+    return rows
+
+def timed_rows(name, batch, built, cpu, mods, x, M0, sample, data, a, say)->list:
     rows = []
     for v,(m,note) in built.items():
         r = dict(model=name, batch=batch, variant=v, note=note)
         if m is not None:
-            r.update(params=n_params(m), kept=n_params(m)/n_params(mods['dense']), mac_ratio=M0/model_macs(m, sample))
+            r.update(params=n_params(m), kept=n_params(m)/n_params(cpu['dense']), mac_ratio=M0/model_macs(cpu[v], sample))
             if data is not None:
-                with torch.no_grad(): r['acc'] = float((m(data[0]).argmax(1)==data[1]).float().mean())
+                with torch.no_grad(): r['acc'] = float((mods[v](data[0].to(x)).argmax(1).cpu()==data[1]).float().mean())
         rows.append(r)
     for rt in a.runtimes:
         t = time.perf_counter()
+        if a.deadline and t - a.t0 > a.deadline: say(f"  {name} batch {batch} {rt}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
+        if rt=='ort' and x.device.type!='cpu':
+            import onnxruntime; say(f"  {name} batch {batch} ort: skipped on {x.device} (onnxruntime's providers here: {onnxruntime.get_available_providers()})"); continue
         try:
             run, how = runners(mods, x, rt, a)
             ts = dict(zip(run, time_calls(list(run.values()), x, reps=a.reps, warmup=1, min_time=0 if batch > 1 else 0.05)))
@@ -132,7 +149,7 @@ def rows_for(name, batch, a, say)->list:
                 r[rt] = ts[r['variant']]*1e3; r[rt+'_x'] = ts['dense']/ts[r['variant']]
         say(f"  {name} batch {batch} {rt}: timed in {time.perf_counter()-t:.0f} s" + (f" ({how})" if how else ''))
         del run; gc.collect()
-        if a.ceiling and rt!='eager':
+        if a.ceiling and rt!='eager' and x.device.type=='cpu':
             for v,c in ceilings(mods, sample, batch, rt, a, say).items(): next(r for r in rows if r['variant']==v)[rt+'_ceiling'] = c.ceiling_of_mac
     for r in rows: say(fmt_row(r, a.runtimes))
     return rows
@@ -169,9 +186,14 @@ def main(argv=None):
     p.add_argument('--compile', default='fastest', choices=['fastest', 'tuned', 'tuned-nchw', 'plain'])
     p.add_argument('--reuse-memory', action='store_true', help='reuse_cpu_memory() before timing')
     p.add_argument('--ceiling', action='store_true', help="each variant's speedup_ceiling from runtime_profiles (onnxruntime, compile)")
+    p.add_argument('--device', default='cpu', help="'cuda': eager and compile on the GPU")
+    p.add_argument('--dtypes', default='float32', help=f"comma-separated, of {', '.join(DTYPES)}")
+    p.add_argument('--deadline', type=float, default=0, help='seconds after which no runtime starts for a new model and batch (0: none)')
     p.add_argument('--out', default='bench/out/runtimes.txt')
     a = p.parse_args(argv)
     a.runtimes, a.variants, a.budgets = a.runtimes.split(','), a.variants.split(','), [float(b) for b in a.budgets.split(',') if b]
+    a.dtypes, a.t0 = a.dtypes.split(','), time.perf_counter()
+    if bad := set(a.dtypes) - set(DTYPES): p.error(f"--dtypes {','.join(bad)}: pass some of {', '.join(DTYPES)}")
     torch.set_num_threads(a.threads); os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', '1'); warnings.filterwarnings('ignore')
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     out = open(a.out, 'w')
@@ -181,11 +203,12 @@ def main(argv=None):
     reused = a.reuse_memory and reuse_cpu_memory()
     say(f"bench/runtimes.py {' '.join(argv or sys.argv[1:])}")
     say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
-        f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if reused else 'glibc defaults'}; GPU: {'none on this machine' if not torch.cuda.is_available() else 'not used'}")
+        f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if reused else 'glibc defaults'}; GPU: {torch.cuda.get_device_name(a.device) + ' (used)' if a.device.startswith('cuda') else 'none on this machine' if not torch.cuda.is_available() else 'not used'}; dtypes {','.join(a.dtypes)}")
     say(f"uptime before: {up()}"); say(head(a.runtimes))
-    rows, t0 = [], time.perf_counter()
+    rows, t0 = [], a.t0
     for name in a.models.split(','):
         for b in map(int, a.batches.split(',')):
+            if a.deadline and time.perf_counter() - t0 > a.deadline: say(f"{name} {b}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
             try: rows += rows_for(name, b, a, say)
             except Exception as e: say(f"{name} {b} ERROR {type(e).__name__}: {str(e)[:300]}"); traceback.print_exc()
     say(); say(head(a.runtimes))

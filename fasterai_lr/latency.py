@@ -518,8 +518,8 @@ def _curves(self, model, cands, sample, calib=None):
 
 def _baseline(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor)->SimpleNamespace:
     "The model's measured latencies, the one to keep a fraction of (`T0`), and how the layers' own timings map onto the model's"
-    as_run = lambda m: in_format(fold_bn(m) if self.fold else m, self.timer.memory_format)
-    given,dense = planned(model, {}), as_run(planned(model, {}))   # copies: the caller's model keeps its mode and format
+    as_run = lambda m: in_format((fold_bn(m) if self.fold else m).to(self.timer.device), self.timer.memory_format)
+    given,dense = planned(model, {}).to(self.timer.device), as_run(planned(model, {}))   # copies on the timer's device: the caller's model keeps its mode, format and device
     T_given,T_dense = self.timer.timer([given, dense], x)
     base,T0 = (given,T_given) if self.baseline=='given' else (dense,T_dense)
     total = sum(c.latency[-1] for c in curves)
