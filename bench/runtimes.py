@@ -28,7 +28,7 @@ random weights (timing does not depend on the values).
 --ceiling: each variant's `runtime_profile` in onnxruntime and compile, and its `speedup_ceiling` against the dense model's: the share
 of time and of multiply-adds in ops a decomposition does not take (depthwise convs, pooling, layout copies, inductor's own kernels),
 and the most speed-up ÷ MAC ratio (as run) that leaves, were every conv and Linear to run its share of the multiply-adds at its dense rate.
---device cuda: eager and compile on the GPU (onnxruntime only where it has its CUDA provider), in each of --dtypes (float32,
+--device cuda: eager and compile on the GPU (onnxruntime is skipped: `OrtRunner` runs on the CPU), in each of --dtypes (float32,
 bfloat16, float16: the models decomposed in float32, then cast; the latency rules time their layers in float32); --deadline S: past S
 seconds no runtime is started for a new model and batch (a lease on a GPU machine), the table shows what was measured.
 Run: python bench/runtimes.py [--models resnet18,resnet50,mobilenet_v2,vgg16_bn,digits] [--batches 1,64] [--runtimes eager,compile,ort]
@@ -116,17 +116,15 @@ def rows_for(name, batch, a, say)->list:
     model, sample, data = digits_model() if name=='digits' else (*build(name), None)
     sample = sample or (3, a.size, a.size)
     built = variants(name, model, sample, batch, a)
-    cpu = {v: m for v,(m,_) in built.items() if m is not None}
-    M0 = model_macs(cpu['dense'], sample)
-    rows = []
-    for dt in a.dtypes:
-        mods = {v: copy.deepcopy(m).to(a.device, DTYPES[dt]) for v,m in cpu.items()}
-        x = torch.randn(batch, *sample, device=a.device, dtype=DTYPES[dt])
-        rows += timed_rows(name + SHORT[dt], batch, built, cpu, mods, x, M0, sample, data, a, say)
-    return rows
+    return [r for dt in a.dtypes for r in timed_rows(name + SHORT[dt], batch, built, DTYPES[dt], sample, data, a, say)]
 
-def timed_rows(name, batch, built, cpu, mods, x, M0, sample, data, a, say)->list:
-    rows = []
+def past_deadline(a)->bool: return bool(a.deadline) and time.perf_counter() - a.t0 > a.deadline
+
+def timed_rows(name, batch, built:dict, dtype, sample, data, a, say)->list:
+    "The rows of `built`'s variants run on --device in `dtype`, timed in each of --runtimes"
+    cpu = {v: m for v,(m,_) in built.items() if m is not None}
+    mods = {v: copy.deepcopy(m).to(a.device, dtype) for v,m in cpu.items()}
+    x, M0, rows = torch.randn(batch, *sample, device=a.device, dtype=dtype), model_macs(cpu['dense'], sample), []
     for v,(m,note) in built.items():
         r = dict(model=name, batch=batch, variant=v, note=note)
         if m is not None:
@@ -136,7 +134,7 @@ def timed_rows(name, batch, built, cpu, mods, x, M0, sample, data, a, say)->list
         rows.append(r)
     for rt in a.runtimes:
         t = time.perf_counter()
-        if a.deadline and t - a.t0 > a.deadline: say(f"  {name} batch {batch} {rt}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
+        if past_deadline(a): say(f"  {name} batch {batch} {rt}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
         if rt=='ort' and x.device.type!='cpu':
             import onnxruntime; say(f"  {name} batch {batch} ort: skipped on {x.device} (onnxruntime's providers here: {onnxruntime.get_available_providers()})"); continue
         try:
@@ -205,15 +203,15 @@ def main(argv=None):
     say(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; CPU, {a.threads} thread(s); {a.reps} interleaved rounds; "
         f"input {a.size}×{a.size}; compile {a.compile}; memory {'reused (reuse_cpu_memory)' if reused else 'glibc defaults'}; GPU: {torch.cuda.get_device_name(a.device) + ' (used)' if a.device.startswith('cuda') else 'none on this machine' if not torch.cuda.is_available() else 'not used'}; dtypes {','.join(a.dtypes)}")
     say(f"uptime before: {up()}"); say(head(a.runtimes))
-    rows, t0 = [], a.t0
+    rows = []
     for name in a.models.split(','):
         for b in map(int, a.batches.split(',')):
-            if a.deadline and time.perf_counter() - t0 > a.deadline: say(f"{name} {b}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
+            if past_deadline(a): say(f"{name} {b}: skipped, past the deadline ({a.deadline:.0f} s)"); continue
             try: rows += rows_for(name, b, a, say)
             except Exception as e: say(f"{name} {b} ERROR {type(e).__name__}: {str(e)[:300]}"); traceback.print_exc()
     say(); say(head(a.runtimes))
     for r in rows: say(fmt_row(r, a.runtimes))
     say(); say('\n'.join(checks(rows, a.runtimes)))
-    say(f"uptime after: {up()}; total {time.perf_counter()-t0:.0f} s")
+    say(f"uptime after: {up()}; total {time.perf_counter()-a.t0:.0f} s")
 
 if __name__=='__main__': main()

@@ -459,12 +459,12 @@ class _LatencyCurve(Curve):
     "A `Curve` whose options also have a measured latency (cost 'latency')"
     def cost(self, by:str)->np.ndarray: return self.latency if by=='latency' else super().cost(by)
 
-def planned(model:nn.Module, plan:dict)->nn.Module:
-    """A copy of `model` with the layers of `plan` {name: (method, rank)} replaced by factor blocks of those shapes, random weights: for
-    timing"""
+def planned(model:nn.Module, plan:dict, device=None)->nn.Module:
+    """A copy of `model` with the layers of `plan` {name: (method, rank)} replaced by factor blocks of those shapes, random weights, on
+    `device` (None: the model's): for timing"""
     new = copy.deepcopy(model)
     for n,(m,r) in plan.items(): new.set_submodule(n, shell(new.get_submodule(n), m, r))
-    return new.eval()
+    return new.to(device).eval()
 
 class LatencyBudget(ModelBudget):
     "Ranks (and methods) for the whole model that keep `keep` of its measured latency (or make it `speedup`× faster) with the least error"
@@ -518,8 +518,10 @@ def _curves(self, model, cands, sample, calib=None):
 
 def _baseline(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor)->SimpleNamespace:
     "The model's measured latencies, the one to keep a fraction of (`T0`), and how the layers' own timings map onto the model's"
-    as_run = lambda m: in_format((fold_bn(m) if self.fold else m).to(self.timer.device), self.timer.memory_format)
-    given,dense = planned(model, {}).to(self.timer.device), as_run(planned(model, {}))   # copies on the timer's device: the caller's model keeps its mode, format and device
+    def as_run(plan):   # the model with `plan` as the timer runs it: a copy on its device (the caller's model keeps its mode, format and device)
+        m = planned(model, plan, self.timer.device)
+        return in_format(fold_bn(m) if self.fold else m, self.timer.memory_format)
+    given,dense = planned(model, {}, self.timer.device), as_run({})
     T_given,T_dense = self.timer.timer([given, dense], x)
     base,T0 = (given,T_given) if self.baseline=='given' else (dense,T_dense)
     total = sum(c.latency[-1] for c in curves)
@@ -540,7 +542,7 @@ def _allocate(self:LatencyBudget, model:nn.Module, curves:list, x:Tensor, b:Simp
         self.estimate = self.achieved = (b.fixed + b.s*sum(c.latency[j] for c,j in zip(curves, pick)))/b.T0
         if not self.check: return pick, plan
         if (key := tuple(pick)) not in timed:                           # (a plan seen before is not timed again)
-            t_base,t_plan = self.timer.timer([b.base, b.as_run(planned(model, plan))], x)
+            t_base,t_plan = self.timer.timer([b.base, b.as_run(plan)], x)
             timed[key] = t_plan/t_base, t_base
         self.achieved,t_base = timed[key]
         if self.achieved <= self.keep:

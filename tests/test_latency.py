@@ -388,3 +388,12 @@ def test_latency_budget_with_layers_timed_slow_alone():
     dec,_ = decompose_model(m, rank=lb, sample=(3, 16, 16), head=True, quiet=True)   # (with the output Linear kept the 8 rounds end 0.07% over)
     t0,t1 = mac_timer([m, fold_bn(copy.deepcopy(dec))], x)
     assert lb.achieved <= 0.5 + 1e-9 and t1/t0 <= 0.5 + 1e-9, f"achieved {lb.achieved:.3f}, the model really takes {t1/t0:.3f} of the time"
+
+def test_planned_copies_go_to_the_timers_device():
+    "`planned` builds the timing copy on the device asked for (a GPU timer for a model left on the CPU), the model untouched"
+    from fasterai_lr.latency import planned
+    net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    new = planned(net, {'2': ('tucker', (8, 8))}, 'meta')
+    assert {p.device.type for p in new.parameters()} == {'meta'} and not isinstance(new[2], nn.Conv2d)
+    assert {p.device.type for p in net.parameters()} == {'cpu'} and isinstance(net[2], nn.Conv2d)
+    assert next(planned(net, {}).parameters()).device.type == 'cpu'
